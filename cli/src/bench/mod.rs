@@ -1,0 +1,22 @@
+//! `ringtrain bench ...`: programs that print figures as JSON lines, in the
+//! same shape as the reference benchmarks in `shared/bench/peers/`.
+
+mod allreduce;
+
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Ring all-reduce of one f32 buffer across W rank processes on loopback.
+    Allreduce(allreduce::Args),
+    /// One rank of `bench allreduce` (started by it; not for direct use).
+    #[command(hide = true)]
+    AllreduceRank(allreduce::RankArgs),
+}
+
+pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::Allreduce(args) => allreduce::run(args),
+        BenchCommand::AllreduceRank(args) => allreduce::run_rank(args),
+    }
+}

@@ -1,0 +1,1 @@
+//! Coordinator: job store, shard assignment, ring membership and services.

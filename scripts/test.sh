@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs every test: unit tests beside the code and the end-to-end tests in
+# tests/ (real ringtrain processes). Installs what is missing first.
+# Long soak and benchmark runs are not here: see README ("Benchmarks").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+ensure_venv
+ensure_dataset
+echo "== build" >&2
+cargo build --release --quiet
+echo "== tests" >&2
+cargo test --release --workspace

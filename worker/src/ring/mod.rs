@@ -1,0 +1,214 @@
+//! Ring all-reduce: every rank ends up holding the elementwise sum (or mean)
+//! of all ranks' flat f32 buffers.
+//!
+//! Bandwidth-optimal schedule: reduce-scatter (world-1 ring steps) then
+//! all-gather (world-1 ring steps); at each step a rank sends one chunk to its
+//! right neighbour and receives one from its left, so each rank sends
+//! 2(world-1)/world of the buffer. Chunks are cut into segments and a sender
+//! thread and a receiver thread run the schedule concurrently, so sending,
+//! receiving and summing overlap (see [`engine`]).
+//!
+//! Transports sit behind [`transport::FrameSender`] / [`transport::FrameReceiver`]:
+//! raw TCP ([`tcp`]) and gRPC bidirectional streams ([`grpc`]).
+//! A link lives for one ring generation and carries every all-reduce of it.
+
+pub mod engine;
+pub mod error;
+pub mod grpc;
+pub mod inbox;
+pub mod layout;
+pub mod tcp;
+pub mod transport;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ringtrain_common::wire::WireEncoding;
+use ringtrain_common::{JobId, Rank, RingGeneration};
+
+pub use engine::ReduceOp;
+pub use error::RingError;
+pub use transport::RingLinks;
+
+/// Which transport carries ring frames between neighbours.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    /// Length-prefixed frames on a plain TCP connection: fewest copies.
+    #[default]
+    Tcp,
+    /// tonic bidirectional streaming.
+    Grpc,
+}
+
+impl std::str::FromStr for TransportKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "tcp" => Ok(Self::Tcp),
+            "grpc" => Ok(Self::Grpc),
+            other => Err(format!(
+                "unknown ring transport '{other}' (expected tcp or grpc)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Grpc => "grpc",
+        })
+    }
+}
+
+/// A ring neighbour as errors name it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub rank: Rank,
+    /// Address of the neighbour's ring endpoint (TCP listener or gRPC server).
+    pub addr: String,
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} at {}", self.rank, self.addr)
+    }
+}
+
+/// Tunables of the data plane.
+#[derive(Clone, Debug)]
+pub struct RingOptions {
+    pub transport: TransportKind,
+    pub encoding: WireEncoding,
+    /// Elements per pipelined segment.
+    pub segment_elems: usize,
+    /// A neighbour silent for this long fails the call.
+    pub timeout: Duration,
+}
+
+impl Default for RingOptions {
+    fn default() -> Self {
+        Self {
+            transport: TransportKind::Tcp,
+            encoding: WireEncoding::F32,
+            segment_elems: 256 * 1024,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One member's view of one ring generation.
+#[derive(Clone, Debug)]
+pub struct RingSpec {
+    pub job: JobId,
+    pub generation: RingGeneration,
+    pub rank: Rank,
+    /// Ring endpoints of every member, indexed by rank.
+    pub members: Vec<String>,
+    pub options: RingOptions,
+}
+
+impl RingSpec {
+    pub fn world(&self) -> usize {
+        self.members.len()
+    }
+
+    fn peer(&self, rank: usize) -> Peer {
+        Peer {
+            rank: Rank(rank as u32),
+            addr: self.members[rank].clone(),
+        }
+    }
+
+    pub fn left(&self) -> Peer {
+        let w = self.world();
+        self.peer((self.rank.index() + w - 1) % w)
+    }
+
+    pub fn right(&self) -> Peer {
+        self.peer((self.rank.index() + 1) % self.world())
+    }
+}
+
+/// The local ends that neighbours connect to: a TCP listener and/or the gRPC
+/// ring service, both delivering incoming links into an inbox.
+#[derive(Clone, Default)]
+pub struct RingEndpoints {
+    pub tcp: Option<Arc<tcp::TcpInbox>>,
+    pub grpc: Option<Arc<grpc::GrpcInbox>>,
+}
+
+/// A connected ring: call [`Ring::all_reduce`] once per step. After an error the
+/// ring is broken for good; the caller re-forms a new generation.
+pub struct Ring {
+    spec: RingSpec,
+    links: Option<RingLinks>,
+    broken: Option<String>,
+}
+
+impl Ring {
+    /// Connects to the right neighbour and accepts the left one. A world of 1
+    /// needs no links.
+    pub async fn connect(spec: RingSpec, endpoints: &RingEndpoints) -> Result<Self, RingError> {
+        if spec.rank.index() >= spec.world() {
+            return Err(RingError::Setup(format!(
+                "{} is outside a ring of {} members",
+                spec.rank,
+                spec.world()
+            )));
+        }
+        let links = if spec.world() == 1 {
+            None
+        } else {
+            Some(match spec.options.transport {
+                TransportKind::Tcp => {
+                    let inbox = endpoints.tcp.as_ref().ok_or_else(|| {
+                        RingError::Setup("no TCP ring listener is running".into())
+                    })?;
+                    tcp::connect(&spec, inbox).await?
+                }
+                TransportKind::Grpc => {
+                    let inbox = endpoints.grpc.as_ref().ok_or_else(|| {
+                        RingError::Setup("no gRPC ring service is running".into())
+                    })?;
+                    grpc::connect(&spec, inbox).await?
+                }
+            })
+        };
+        Ok(Self {
+            spec,
+            links,
+            broken: None,
+        })
+    }
+
+    pub fn spec(&self) -> &RingSpec {
+        &self.spec
+    }
+
+    /// Blocking: call it from a dedicated thread or `spawn_blocking`, never
+    /// from an async task.
+    pub fn all_reduce(
+        &mut self,
+        step: u64,
+        data: &mut [f32],
+        op: ReduceOp,
+    ) -> Result<(), RingError> {
+        if let Some(why) = &self.broken {
+            return Err(RingError::Broken(why.clone()));
+        }
+        let result = match &mut self.links {
+            None => Ok(()),
+            Some(links) => engine::all_reduce(&self.spec, links, step, data, op),
+        };
+        if let Err(e) = &result {
+            self.broken = Some(e.to_string());
+        }
+        result
+    }
+}
+#[cfg(test)]
+mod tests;

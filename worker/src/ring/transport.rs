@@ -1,0 +1,41 @@
+//! What the engine needs from a transport: an ordered, reliable stream of
+//! frames to the right neighbour and one from the left.
+
+use std::sync::Arc;
+
+use ringtrain_common::wire::FrameHeader;
+
+use super::{Peer, RingError};
+
+/// Sending half of a link, to the right neighbour.
+pub trait FrameSender: Send {
+    fn send(&mut self, header: &FrameHeader, payload: &[u8]) -> Result<(), RingError>;
+}
+
+/// Receiving half of a link, from the left neighbour.
+pub trait FrameReceiver: Send {
+    /// Receives the next frame, refuses it unless its header equals `expected`,
+    /// and writes its payload (exactly `payload.len()` bytes) into `payload`.
+    fn recv(&mut self, expected: &FrameHeader, payload: &mut [u8]) -> Result<(), RingError>;
+}
+
+/// Wakes both halves out of blocked I/O once either has failed, so a failure
+/// on one side never leaves the other waiting for its own timeout.
+pub trait LinkAbort: Send + Sync {
+    fn abort(&self);
+}
+
+/// Both links of one ring member for one generation.
+pub struct RingLinks {
+    pub left: Peer,
+    pub right: Peer,
+    pub sender: Box<dyn FrameSender>,
+    pub receiver: Box<dyn FrameReceiver>,
+    pub abort: Arc<dyn LinkAbort>,
+}
+
+impl Drop for RingLinks {
+    fn drop(&mut self) {
+        self.abort.abort();
+    }
+}
