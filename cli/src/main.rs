@@ -2,10 +2,14 @@
 //! arguments and dispatches.
 
 mod bench;
+mod commands;
+mod local_cluster;
+mod settings;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use commands::{client, local, serve};
 use ringtrain_common::telemetry::{self, LogFormat};
 
 #[derive(Parser)]
@@ -29,21 +33,49 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the coordinator service.
+    Coordinator(serve::CoordinatorArgs),
+    /// Run a worker that joins a coordinator.
+    Worker(serve::WorkerArgs),
+    /// Submit a job spec to a coordinator.
+    Submit(client::SubmitArgs),
+    /// Show jobs and workers, or one job.
+    Status(client::StatusArgs),
+    /// Follow a job's progress to its end.
+    Watch(client::WatchArgs),
+    /// Cancel a job.
+    Cancel(client::CancelArgs),
+    /// Run a job on a coordinator and N workers started here on loopback.
+    Local(local::LocalArgs),
     /// Benchmarks of the data plane and of training.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
 }
 
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(cli.log_format, "warn,ringtrain=info");
+    let quiet = matches!(cli.command, Command::Bench(_) | Command::Local(_));
+    telemetry::init(cli.log_format, if quiet { "warn" } else { "info" });
     let result = match cli.command {
+        Command::Coordinator(a) => serve::coordinator(a),
+        Command::Worker(a) => serve::worker(a),
+        Command::Submit(a) => runtime().and_then(|rt| rt.block_on(client::submit(a))),
+        Command::Status(a) => runtime().and_then(|rt| rt.block_on(client::status(a))),
+        Command::Watch(a) => runtime().and_then(|rt| rt.block_on(client::watch(a))),
+        Command::Cancel(a) => runtime().and_then(|rt| rt.block_on(client::cancel(a))),
+        Command::Local(a) => runtime().and_then(|rt| rt.block_on(local::run(a))),
         Command::Bench(cmd) => bench::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line naming the cause, then the chain for context.
+            // One line naming the cause.
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }

@@ -1,7 +1,11 @@
-//! Pieces every ringtrain crate shares: id newtypes, the ring wire codec
-//! (frame headers and fp16/bf16 payload encodings) and tracing setup.
+//! Pieces every ringtrain crate shares: id newtypes, the job spec, the data
+//! plan (which samples each step uses), the ring wire codec, metrics and
+//! tracing setup.
 
+pub mod data_plan;
 pub mod ids;
+pub mod jobspec;
+pub mod metrics;
 pub mod telemetry;
 pub mod wire;
 

@@ -1,1 +1,17 @@
-//! Coordinator: job store, shard assignment, ring membership and services.
+//! ringtrain coordinator: keeps the jobs, forms rings from registered
+//! workers, tells each worker its rank, checks that replicas agree, and
+//! streams progress to clients.
+//!
+//! - [`state`]: the one owner of jobs and workers (a struct behind one lock).
+//! - [`scheduler`]: pure decisions (start a job, declare a worker lost).
+//! - [`service`]: the gRPC edge (client API and worker API).
+//! - [`server`]: wiring: listeners, periodic ticks, shutdown.
+
+pub mod config;
+pub mod scheduler;
+pub mod server;
+pub mod service;
+pub mod state;
+
+pub use config::CoordinatorConfig;
+pub use server::serve;

@@ -49,6 +49,9 @@ pub struct Args {
 pub struct RankArgs {
     #[arg(long)]
     rank: usize,
+    /// Print `REP i` on stdout after each repetition.
+    #[arg(long)]
+    progress: bool,
     #[command(flatten)]
     common: Args,
 }
@@ -183,7 +186,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 pub fn run_rank(args: RankArgs) -> anyhow::Result<()> {
-    let RankArgs { rank, common: args } = args;
+    let RankArgs {
+        rank,
+        progress,
+        common: args,
+    } = args;
     // The runtime drives the ring's servers and gRPC streams while this
     // thread runs the blocking all-reduce loop.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -191,7 +198,7 @@ pub fn run_rank(args: RankArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let ring = rt.block_on(join_ring(rank, &args))?;
-    let times = reps(ring, rank, &args)?;
+    let times = reps(ring, rank, &args, progress)?;
     println!("TIMES {}", serde_json::to_string(&times)?);
     Ok(())
 }
@@ -234,7 +241,7 @@ async fn join_ring(rank: usize, args: &Args) -> anyhow::Result<Ring> {
 
 /// The timed loop. Each repetition starts from the same values after a
 /// one-element all-reduce that acts as a barrier.
-fn reps(mut ring: Ring, rank: usize, args: &Args) -> anyhow::Result<Vec<f64>> {
+fn reps(mut ring: Ring, rank: usize, args: &Args, progress: bool) -> anyhow::Result<Vec<f64>> {
     let mut data = vec![0f32; args.elements];
     let mut barrier = [0f32; 1];
     let mut times = Vec::with_capacity(args.reps);
@@ -245,6 +252,10 @@ fn reps(mut ring: Ring, rank: usize, args: &Args) -> anyhow::Result<Vec<f64>> {
         ring.all_reduce(2 * i + 1, &mut data, ReduceOp::Sum)?;
         if i >= args.warmup as u64 {
             times.push(started.elapsed().as_secs_f64());
+        }
+        if progress {
+            println!("REP {i}");
+            std::io::stdout().flush()?;
         }
     }
     let expect = (args.world * (args.world + 1) / 2) as f32;

@@ -2,6 +2,7 @@
 //! same shape as the reference benchmarks in `shared/bench/peers/`.
 
 mod allreduce;
+mod train;
 
 use clap::Subcommand;
 
@@ -12,11 +13,17 @@ pub enum BenchCommand {
     /// One rank of `bench allreduce` (started by it; not for direct use).
     #[command(hide = true)]
     AllreduceRank(allreduce::RankArgs),
+    /// Data-parallel training throughput, as shared/bench/peers/ddp_train.py measures it.
+    Train(train::TrainArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Allreduce(args) => allreduce::run(args),
         BenchCommand::AllreduceRank(args) => allreduce::run_rank(args),
+        BenchCommand::Train(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(train::run(args)),
     }
 }

@@ -1,0 +1,378 @@
+//! Client commands: `submit`, `status`, `watch`, `cancel`.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use ringtrain_common::jobspec::JobSpec;
+use ringtrain_proto as pb;
+use ringtrain_proto::coordinator_client::CoordinatorClient;
+use tonic::transport::{Channel, Endpoint};
+
+pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:50051";
+
+#[derive(clap::Args, Clone)]
+pub struct Target {
+    /// Coordinator URL.
+    #[arg(long, env = "RINGTRAIN_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
+    pub coordinator: String,
+}
+
+#[derive(clap::Args)]
+pub struct SubmitArgs {
+    /// Job spec (TOML).
+    pub spec: PathBuf,
+    /// Override a spec key, e.g. --set batch_size=16 --set optimizer.lr=0.1.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Continue from a checkpoint directory.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Watch the job until it ends.
+    #[arg(long)]
+    pub watch: bool,
+    /// End with one JSON line (with --watch).
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    /// A job id; without it, every job and worker.
+    pub job: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(clap::Args)]
+pub struct WatchArgs {
+    pub job: String,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(clap::Args)]
+pub struct CancelArgs {
+    pub job: String,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+pub async fn connect(url: &str) -> anyhow::Result<CoordinatorClient<Channel>> {
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|_| anyhow!("'{url}' is not a coordinator URL (expected http://HOST:PORT)"))?
+        .connect_timeout(Duration::from_secs(5));
+    let channel = endpoint.connect().await.map_err(|e| {
+        let cause = std::error::Error::source(&e)
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| e.to_string());
+        anyhow!("cannot reach the coordinator at {url}: {cause}")
+    })?;
+    Ok(CoordinatorClient::new(channel))
+}
+
+fn status_error(e: tonic::Status) -> anyhow::Error {
+    anyhow!("{}", e.message())
+}
+
+/// Reads and validates a spec file, applying overrides, and makes its paths
+/// absolute (relative to the current directory) so workers elsewhere agree.
+pub fn load_spec(path: &Path, overrides: &[String]) -> anyhow::Result<JobSpec> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read job spec {}", path.display()))?;
+    let mut spec =
+        JobSpec::parse(&text, overrides).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let abs = |p: &str| -> anyhow::Result<String> {
+        Ok(std::path::absolute(p)?.to_string_lossy().into_owned())
+    };
+    spec.dataset.path = abs(&spec.dataset.path)?;
+    if !spec.checkpoint.dir.is_empty() {
+        spec.checkpoint.dir = abs(&spec.checkpoint.dir)?;
+    }
+    Ok(spec)
+}
+
+pub fn check_resume(dir: &Path) -> anyhow::Result<String> {
+    if !dir.join("checkpoint.json").is_file() {
+        bail!(
+            "cannot resume: {} holds no checkpoint (checkpoint.json missing)",
+            dir.display()
+        );
+    }
+    Ok(std::path::absolute(dir)?.to_string_lossy().into_owned())
+}
+
+pub async fn submit_spec(
+    client: &mut CoordinatorClient<Channel>,
+    spec: &JobSpec,
+    resume: Option<&Path>,
+) -> anyhow::Result<String> {
+    let resume_from = resume.map(check_resume).transpose()?.unwrap_or_default();
+    let resp = client
+        .submit_job(pb::SubmitJobRequest {
+            spec_toml: spec.to_toml(),
+            resume_from,
+        })
+        .await
+        .map_err(status_error)?;
+    Ok(resp.into_inner().job_id)
+}
+
+pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
+    let spec = load_spec(&args.spec, &args.overrides)?;
+    let mut client = connect(&args.target.coordinator).await?;
+    let job = submit_spec(&mut client, &spec, args.resume.as_deref()).await?;
+    if !args.watch {
+        println!("{job}");
+        return Ok(());
+    }
+    eprintln!("submitted job {job}");
+    let end = watch_job(&mut client, &job, !args.json).await?;
+    finish(&end, args.json)
+}
+
+pub fn state_name(state: i32) -> &'static str {
+    match pb::JobState::try_from(state).unwrap_or(pb::JobState::Unspecified) {
+        pb::JobState::Pending => "pending",
+        pb::JobState::Running => "running",
+        pb::JobState::Succeeded => "succeeded",
+        pb::JobState::Failed => "failed",
+        pb::JobState::Cancelled => "cancelled",
+        pb::JobState::Unspecified => "unknown",
+    }
+}
+
+/// The one JSON line scripts read.
+pub fn result_json(s: &pb::JobStatus) -> serde_json::Value {
+    let opt = |has: bool, v: f64| {
+        if has {
+            serde_json::json!(v)
+        } else {
+            serde_json::Value::Null
+        }
+    };
+    serde_json::json!({
+        "job": s.job_id,
+        "state": state_name(s.state),
+        "steps": s.step,
+        "epochs": s.epoch,
+        "workers": s.workers_wanted,
+        "test_accuracy": opt(s.has_eval, s.test_accuracy),
+        "test_loss": opt(s.has_eval, s.test_loss),
+        "checkpoint_dir": s.checkpoint_dir,
+        "error": if s.error.is_empty() { serde_json::Value::Null } else { serde_json::json!(s.error) },
+    })
+}
+
+/// Prints the end of a job; an unsuccessful end is an error (non-zero exit).
+pub fn finish(s: &pb::JobStatus, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", result_json(s));
+    } else {
+        let eval = if s.has_eval {
+            format!(
+                ", test accuracy {:.4}, test loss {:.4}",
+                s.test_accuracy, s.test_loss
+            )
+        } else {
+            String::new()
+        };
+        println!(
+            "job {} {} after {} steps{eval}",
+            s.job_id,
+            state_name(s.state),
+            s.step
+        );
+        if !s.checkpoint_dir.is_empty() && s.state == pb::JobState::Succeeded as i32 {
+            println!("checkpoint: {}", s.checkpoint_dir);
+        }
+    }
+    match pb::JobState::try_from(s.state) {
+        Ok(pb::JobState::Succeeded) => Ok(()),
+        Ok(pb::JobState::Failed) => bail!("job {} failed: {}", s.job_id, s.error),
+        _ => bail!("job {} ended {}", s.job_id, state_name(s.state)),
+    }
+}
+
+fn progress_line(s: &pb::JobStatus) -> String {
+    let total = s.total_steps.max(1);
+    let width = 24usize;
+    let filled = ((s.step.min(total) as f64 / total as f64) * width as f64) as usize;
+    let bar: String = "#".repeat(filled) + &".".repeat(width - filled);
+    let loss = if s.loss.is_finite() {
+        format!("{:.4}", s.loss)
+    } else {
+        "-".into()
+    };
+    format!(
+        "[{bar}] step {}/{} epoch {} loss {loss} {:.0} samples/s {} workers {}",
+        s.step,
+        s.total_steps,
+        s.epoch,
+        s.samples_per_s,
+        s.workers,
+        state_name(s.state)
+    )
+}
+
+/// Streams a job's events to the end, drawing a progress bar on stderr.
+/// Returns the final status.
+pub async fn watch_job(
+    client: &mut CoordinatorClient<Channel>,
+    job: &str,
+    show: bool,
+) -> anyhow::Result<pb::JobStatus> {
+    let mut stream = client
+        .watch_job(pb::WatchJobRequest { job_id: job.into() })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let tty = std::io::stderr().is_terminal();
+    let mut last: Option<pb::JobStatus> = None;
+    let mut last_printed_step = 0;
+    let mut stderr = std::io::stderr();
+    while let Some(event) = stream
+        .message()
+        .await
+        .map_err(|e| anyhow!("watching job {job}: {}", e.message()))?
+    {
+        let Some(status) = event.status else { continue };
+        if show {
+            let line = progress_line(&status);
+            if event.kind == "eval" || event.kind == "state" || event.kind == "checkpoint" {
+                let _ = write!(stderr, "{}", if tty { "\r\x1b[2K" } else { "" });
+                let _ = writeln!(stderr, "{}: {}", event.kind, event.message);
+            }
+            if tty {
+                let _ = write!(stderr, "\r\x1b[2K{line}");
+                let _ = stderr.flush();
+            } else if status.step >= last_printed_step + (status.total_steps / 20).max(1) {
+                let _ = writeln!(stderr, "{line}");
+                last_printed_step = status.step;
+            }
+        }
+        last = Some(status);
+    }
+    if show && tty {
+        let _ = writeln!(stderr);
+    }
+    last.ok_or_else(|| anyhow!("job {job}: the coordinator closed the stream without a status"))
+}
+
+pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.target.coordinator).await?;
+    let end = watch_job(&mut client, &args.job, !args.json).await?;
+    finish(&end, args.json)
+}
+
+pub async fn cancel(args: CancelArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.target.coordinator).await?;
+    let resp = client
+        .cancel_job(pb::CancelJobRequest {
+            job_id: args.job.clone(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let state = resp.job.map(|j| state_name(j.state)).unwrap_or("unknown");
+    println!("job {} {state}", args.job);
+    Ok(())
+}
+
+pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.target.coordinator).await?;
+    if let Some(job) = &args.job {
+        let s = client
+            .get_job(pb::GetJobRequest {
+                job_id: job.clone(),
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        if args.json {
+            println!("{}", result_json(&s));
+        } else {
+            println!("{} ({}, {})", s.job_id, s.name, s.model);
+            println!("  {}", progress_line(&s));
+            if s.has_eval {
+                println!(
+                    "  test accuracy {:.4}, test loss {:.4}",
+                    s.test_accuracy, s.test_loss
+                );
+            }
+            if !s.error.is_empty() {
+                println!("  error: {}", s.error);
+            }
+            if !s.checkpoint_dir.is_empty() {
+                println!("  checkpoint: {}", s.checkpoint_dir);
+            }
+        }
+        return Ok(());
+    }
+    let list = client
+        .list_jobs(pb::ListJobsRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if args.json {
+        let jobs: Vec<_> = list.jobs.iter().map(result_json).collect();
+        println!("{}", serde_json::json!({ "jobs": jobs }));
+        return Ok(());
+    }
+    println!(
+        "{:<18} {:<16} {:<10} {:>11} {:>6} {:>8} {:>9}",
+        "JOB", "NAME", "STATE", "STEP", "EPOCH", "WORKERS", "TEST ACC"
+    );
+    for j in &list.jobs {
+        let acc = if j.has_eval {
+            format!("{:.4}", j.test_accuracy)
+        } else {
+            "-".into()
+        };
+        println!(
+            "{:<18} {:<16} {:<10} {:>11} {:>6} {:>8} {:>9}",
+            j.job_id,
+            j.name,
+            state_name(j.state),
+            format!("{}/{}", j.step, j.total_steps),
+            j.epoch,
+            format!("{}/{}", j.workers, j.workers_wanted),
+            acc
+        );
+    }
+    println!();
+    println!(
+        "{:<8} {:<22} {:<18} {:>5} {:>9} {:>10} {:>15}",
+        "WORKER", "ADDRESS", "JOB", "RANK", "STEP", "SAMPLES/S", "LAST HEARTBEAT"
+    );
+    for w in &list.workers {
+        let rank = if w.rank < 0 {
+            "-".into()
+        } else {
+            w.rank.to_string()
+        };
+        let beat = if w.alive {
+            format!("{:.1}s ago", w.last_heartbeat_age_s)
+        } else {
+            "lost".into()
+        };
+        println!(
+            "{:<8} {:<22} {:<18} {:>5} {:>9} {:>10.0} {:>15}",
+            w.worker_id,
+            w.address,
+            if w.job_id.is_empty() { "-" } else { &w.job_id },
+            rank,
+            w.last_step,
+            w.samples_per_s,
+            beat
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! `ringtrain local`: a coordinator and N workers on loopback as child
+//! processes, one job submitted and watched to the end, then everything
+//! stopped (also on Ctrl-C; children also die if this process is killed).
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+
+use super::client;
+use crate::local_cluster::LocalCluster;
+use crate::settings::shutdown_signal;
+
+#[derive(clap::Args)]
+pub struct LocalArgs {
+    /// Job spec (TOML).
+    pub spec: PathBuf,
+    /// Worker processes (default: the spec's `workers`).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Override a spec key, e.g. --set batch_size=16 --set max_steps=20.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Where logs and (by default) checkpoints go; default runs/NAME-TIMESTAMP.
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// End with one JSON line on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Continue from a checkpoint directory.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+}
+
+/// A clear error before anything starts, rather than N workers failing.
+pub fn check_dataset(path: &str) -> anyhow::Result<()> {
+    let dir = Path::new(path);
+    let present = ["train-images-idx3-ubyte", "train-images-idx3-ubyte.gz"]
+        .iter()
+        .any(|f| dir.join(f).is_file());
+    if !present {
+        bail!(
+            "dataset not found: {} has no train-images-idx3-ubyte(.gz) (install Debian's dataset-fashion-mnist, or set dataset.path)",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
+    let mut overrides = args.overrides.clone();
+    if let Some(n) = args.workers {
+        overrides.push(format!("workers={n}"));
+    }
+    let spec = client::load_spec(&args.spec, &overrides)?;
+    check_dataset(&spec.dataset.path)?;
+    if let Some(dir) = &args.resume {
+        client::check_resume(dir)?;
+    }
+    let run_dir = match &args.run_dir {
+        Some(d) => d.clone(),
+        None => {
+            let secs = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            PathBuf::from("runs").join(format!("{}-{secs}", spec.name))
+        }
+    };
+    let run_dir = std::path::absolute(&run_dir)?;
+    eprintln!(
+        "starting a coordinator and {} workers (logs in {})",
+        spec.workers,
+        run_dir.join("logs").display()
+    );
+    let cluster = tokio::task::block_in_place(|| LocalCluster::start(&run_dir, spec.workers, &[]))?;
+    let mut client = client::connect(&cluster.coordinator_url).await?;
+    let job = client::submit_spec(&mut client, &spec, args.resume.as_deref()).await?;
+    eprintln!(
+        "submitted job {job} ({} on {} workers)",
+        spec.model, spec.workers
+    );
+    let mut watcher = client.clone();
+    let end = tokio::select! {
+        end = client::watch_job(&mut watcher, &job, true) => end.context("watching the job")?,
+        _ = shutdown_signal() => {
+            let _ = client.cancel_job(ringtrain_proto::CancelJobRequest { job_id: job.clone() }).await;
+            drop(cluster);
+            bail!("interrupted: job {job} cancelled and every local process stopped");
+        }
+    };
+    let logs = cluster.logs.clone();
+    drop(cluster);
+    let result = client::finish(&end, args.json);
+    eprintln!("logs: {}", logs.display());
+    result
+}

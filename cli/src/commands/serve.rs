@@ -1,0 +1,137 @@
+//! `ringtrain coordinator` and `ringtrain worker`: bind, serve until a
+//! shutdown signal, drain.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use ringtrain_common::metrics::{self, Metrics};
+use ringtrain_coordinator::CoordinatorConfig;
+use ringtrain_worker::config::WorkerConfig;
+use tokio::net::TcpListener;
+use tracing::info;
+
+use crate::settings::{self, shutdown_signal};
+
+#[derive(clap::Args)]
+pub struct CoordinatorArgs {
+    /// TOML config file (keys: listen, metrics_listen, data_dir, heartbeat_interval_ms, worker_timeout_ms).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// gRPC listen address (overrides the config).
+    #[arg(long)]
+    listen: Option<String>,
+    #[arg(long)]
+    metrics_listen: Option<String>,
+    #[arg(long)]
+    data_dir: Option<String>,
+    /// Write {"grpc": addr, "metrics": addr} here once listening.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct WorkerArgs {
+    /// TOML config file (keys: coordinator, listen, ring_listen, advertise_host, metrics_listen, connect_timeout_s).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Coordinator URL, e.g. http://127.0.0.1:50051.
+    #[arg(long)]
+    coordinator: Option<String>,
+    #[arg(long)]
+    listen: Option<String>,
+    #[arg(long)]
+    ring_listen: Option<String>,
+    #[arg(long)]
+    advertise_host: Option<String>,
+    #[arg(long)]
+    metrics_listen: Option<String>,
+    #[arg(long)]
+    connect_timeout_s: Option<String>,
+    /// Write {"grpc", "ring", "worker_id", "metrics"} here once registered.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+async fn bind(what: &str, addr: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for {what} on {addr}"))
+}
+
+async fn start_metrics(addr: &str, metrics: &Metrics) -> anyhow::Result<Option<String>> {
+    if addr.is_empty() {
+        return Ok(None);
+    }
+    let listener = bind("metrics", addr).await?;
+    let local = listener.local_addr()?.to_string();
+    tokio::spawn(metrics::serve(listener, metrics.clone(), shutdown_signal()));
+    Ok(Some(local))
+}
+
+pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
+    let mut config: CoordinatorConfig = settings::load(
+        args.config.as_deref(),
+        &[
+            ("listen", args.listen),
+            ("metrics_listen", args.metrics_listen),
+            ("data_dir", args.data_dir),
+        ],
+    )?;
+    config.data_dir = std::path::absolute(&config.data_dir)
+        .with_context(|| format!("data dir {}", config.data_dir.display()))?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let listener = bind("gRPC", &config.listen).await?;
+        let grpc = listener.local_addr()?.to_string();
+        let metrics = Metrics::default();
+        let metrics_addr = start_metrics(&config.metrics_listen, &metrics).await?;
+        info!(%grpc, metrics = ?metrics_addr, data_dir = %config.data_dir.display(), "coordinator listening");
+        if let Some(path) = &args.ready_file {
+            settings::write_ready_file(path, &serde_json::json!({"grpc": grpc, "metrics": metrics_addr}))?;
+        }
+        ringtrain_coordinator::serve(listener, config, metrics, shutdown_signal())
+            .await
+            .context("coordinator server")?;
+        info!("coordinator stopped");
+        Ok(())
+    })
+}
+
+pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
+    let config: WorkerConfig = settings::load(
+        args.config.as_deref(),
+        &[
+            ("coordinator", args.coordinator),
+            ("listen", args.listen),
+            ("ring_listen", args.ring_listen),
+            ("advertise_host", args.advertise_host),
+            ("metrics_listen", args.metrics_listen),
+            ("connect_timeout_s", args.connect_timeout_s),
+        ],
+    )?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let listeners = ringtrain_worker::service::Listeners {
+            grpc: bind("gRPC", &config.listen).await?,
+            ring: bind("the ring", &config.ring_listen).await?,
+        };
+        let metrics = Metrics::default();
+        let metrics_addr = start_metrics(&config.metrics_listen, &metrics).await?;
+        let ready_file = args.ready_file.clone();
+        let mut ready_error = None;
+        ringtrain_worker::service::run(config, listeners, metrics, shutdown_signal(), |ready| {
+            if let Some(path) = &ready_file {
+                let v = serde_json::json!({
+                    "grpc": ready.grpc, "ring": ready.ring,
+                    "worker_id": ready.worker_id, "metrics": metrics_addr,
+                });
+                ready_error = settings::write_ready_file(path, &v).err();
+            }
+        })
+        .await?;
+        match ready_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    })
+}

@@ -1,0 +1,159 @@
+//! A coordinator and N workers as child processes on loopback, for
+//! `ringtrain local` and `ringtrain bench train`. Every child logs to its own
+//! file, dies with its parent (PR_SET_PDEATHSIG), and is killed on Drop.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+
+pub struct LocalCluster {
+    pub logs: PathBuf,
+    pub coordinator_url: String,
+    children: Vec<(String, Child)>,
+}
+
+/// The last `n` lines of a log, for error messages.
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_cmd: &mut Command) {}
+
+impl LocalCluster {
+    pub fn start(
+        run_dir: &Path,
+        workers: usize,
+        extra_env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let logs = run_dir.join("logs");
+        std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+        let mut cluster = LocalCluster {
+            logs: logs.clone(),
+            coordinator_url: String::new(),
+            children: Vec::new(),
+        };
+        let ready = run_dir.join("coordinator.ready");
+        let _ = std::fs::remove_file(&ready);
+        cluster.spawn(
+            "coordinator",
+            &[
+                "coordinator",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                &run_dir.to_string_lossy(),
+                "--ready-file",
+                &ready.to_string_lossy(),
+            ],
+            extra_env,
+        )?;
+        let info = cluster.wait_ready("coordinator", &ready)?;
+        let grpc = info["grpc"]
+            .as_str()
+            .ok_or_else(|| anyhow!("coordinator ready file lacks its address"))?;
+        cluster.coordinator_url = format!("http://{grpc}");
+        let url = cluster.coordinator_url.clone();
+        let mut readies = Vec::new();
+        for i in 0..workers {
+            let name = format!("worker-{i}");
+            let ready = run_dir.join(format!("{name}.ready"));
+            let _ = std::fs::remove_file(&ready);
+            cluster.spawn(
+                &name,
+                &[
+                    "worker",
+                    "--coordinator",
+                    &url,
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--ring-listen",
+                    "127.0.0.1:0",
+                    "--metrics-listen",
+                    "127.0.0.1:0",
+                    "--advertise-host",
+                    "127.0.0.1",
+                    "--ready-file",
+                    &ready.to_string_lossy(),
+                ],
+                extra_env,
+            )?;
+            readies.push((name, ready));
+        }
+        for (name, ready) in readies {
+            cluster.wait_ready(&name, &ready)?;
+        }
+        Ok(cluster)
+    }
+
+    fn spawn(&mut self, name: &str, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<()> {
+        let exe = std::env::current_exe().context("locating the ringtrain binary")?;
+        let log_path = self.logs.join(format!("{name}.log"));
+        let log =
+            File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let mut cmd = Command::new(exe);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .envs(env.iter().copied());
+        die_with_parent(&mut cmd);
+        let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+        self.children.push((name.to_string(), child));
+        Ok(())
+    }
+
+    fn wait_ready(&mut self, name: &str, ready: &Path) -> anyhow::Result<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let log = self.logs.join(format!("{name}.log"));
+        loop {
+            if let Ok(text) = std::fs::read_to_string(ready) {
+                return serde_json::from_str(&text).with_context(|| format!("{name} ready file"));
+            }
+            if let Some((_, child)) = self.children.iter_mut().find(|(n, _)| n == name) {
+                if let Some(status) = child.try_wait()? {
+                    let last = tail(&log, 1);
+                    bail!("{name} exited ({status}) before it was ready: {last}");
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("{name} was not ready within 30s; see {}", log.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        // Workers first, so none reports to a coordinator that is gone.
+        for (_, child) in self.children.iter_mut().rev() {
+            let _ = child.kill();
+        }
+        for (_, child) in self.children.iter_mut() {
+            let _ = child.wait();
+        }
+    }
+}

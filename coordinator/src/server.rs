@@ -1,0 +1,46 @@
+//! Wiring: serve both gRPC services (plus grpc.health.v1) on an
+//! already-bound listener until `shutdown` resolves, with a periodic
+//! scheduler tick so lost workers are noticed even when nobody calls.
+
+use std::future::Future;
+
+use ringtrain_common::metrics::Metrics;
+use ringtrain_proto as pb;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::CoordinatorConfig;
+use crate::service::Coordinator;
+
+pub async fn serve(
+    listener: TcpListener,
+    config: CoordinatorConfig,
+    metrics: Metrics,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let coordinator = Coordinator::new(config.clone(), metrics);
+    let ticker = coordinator.clone();
+    let tick = tokio::spawn(async move {
+        let mut every = tokio::time::interval(config.heartbeat_interval());
+        loop {
+            every.tick().await;
+            ticker.tick();
+        }
+    });
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<pb::coordinator_server::CoordinatorServer<Coordinator>>()
+        .await;
+    let result = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(pb::coordinator_server::CoordinatorServer::new(
+            coordinator.clone(),
+        ))
+        .add_service(pb::worker_control_server::WorkerControlServer::new(
+            coordinator,
+        ))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    tick.abort();
+    result
+}

@@ -1,0 +1,146 @@
+//! Jobs and workers as the coordinator knows them. One owner: the service
+//! holds this behind a single mutex, never across an `.await`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Instant, SystemTime};
+
+use ringtrain_common::jobspec::JobSpec;
+use ringtrain_common::{JobId, RingGeneration, WorkerId};
+use tokio::sync::broadcast;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobState {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+/// What `WatchJob` streams: a kind, a message, and the job's status after it.
+#[derive(Clone, Debug)]
+pub struct JobEvent {
+    pub kind: &'static str,
+    pub message: String,
+    pub job: JobSnapshot,
+}
+
+/// A consistent copy of a job's status.
+#[derive(Clone, Debug)]
+pub struct JobSnapshot {
+    pub id: JobId,
+    pub name: String,
+    pub model: String,
+    pub state: JobState,
+    pub error: String,
+    pub step: u64,
+    pub total_steps: u64,
+    pub epoch: u64,
+    pub workers: u32,
+    pub workers_wanted: u32,
+    pub loss: f64,
+    pub samples_per_s: f64,
+    pub eval: Option<(f64, f64)>,
+    pub checkpoint_dir: String,
+    pub generation: RingGeneration,
+    pub submitted: SystemTime,
+}
+
+/// Hashes and losses reported for one parameter version.
+#[derive(Debug, Default)]
+pub struct VersionTally {
+    pub hash: u64,
+    pub first_reporter: Option<WorkerId>,
+    pub reporters: HashSet<WorkerId>,
+    pub loss_sum: f64,
+    pub samples: u64,
+    pub slowest_step_s: f64,
+    pub epoch: u64,
+}
+
+pub struct Job {
+    pub id: JobId,
+    pub spec: JobSpec,
+    pub spec_toml: String,
+    pub resume_from: String,
+    pub start_version: u64,
+    pub checkpoint_dir: String,
+    pub state: JobState,
+    pub error: String,
+    pub submitted: SystemTime,
+    /// Ring members by rank.
+    pub members: Vec<WorkerId>,
+    pub generation: RingGeneration,
+    pub step: u64,
+    pub total_steps: u64,
+    pub epoch: u64,
+    pub loss: f64,
+    pub samples_per_s: f64,
+    pub eval: Option<(f64, f64)>,
+    pub tallies: BTreeMap<u64, VersionTally>,
+    pub finished: HashSet<WorkerId>,
+    pub events: broadcast::Sender<JobEvent>,
+}
+
+impl Job {
+    pub fn snapshot(&self) -> JobSnapshot {
+        JobSnapshot {
+            id: self.id,
+            name: self.spec.name.clone(),
+            model: self.spec.model.to_string(),
+            state: self.state,
+            error: self.error.clone(),
+            step: self.step,
+            total_steps: self.total_steps,
+            epoch: self.epoch,
+            workers: self.members.len() as u32,
+            workers_wanted: self.spec.workers as u32,
+            loss: self.loss,
+            samples_per_s: self.samples_per_s,
+            eval: self.eval,
+            checkpoint_dir: self.checkpoint_dir.clone(),
+            generation: self.generation,
+            submitted: self.submitted,
+        }
+    }
+
+    pub fn emit(&self, kind: &'static str, message: impl Into<String>) {
+        // No receivers is fine: nobody is watching.
+        let _ = self.events.send(JobEvent {
+            kind,
+            message: message.into(),
+            job: self.snapshot(),
+        });
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Worker {
+    pub id: WorkerId,
+    pub grpc_addr: String,
+    pub ring_addr: String,
+    pub last_heartbeat: Instant,
+    pub alive: bool,
+    pub job: Option<JobId>,
+    pub last_step: u64,
+    pub samples_per_s: f64,
+}
+
+#[derive(Default)]
+pub struct State {
+    pub jobs: BTreeMap<JobId, Job>,
+    /// Submission order, for fair scheduling.
+    pub queue: Vec<JobId>,
+    pub workers: BTreeMap<WorkerId, Worker>,
+    pub next_worker: u64,
+    pub next_generation: u64,
+}

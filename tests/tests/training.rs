@@ -1,0 +1,268 @@
+//! End-to-end training on Fashion-MNIST through `ringtrain local` and a
+//! test cluster: equivalence of the gradient merge, resume, convergence,
+//! and the client commands against a live coordinator.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use ringtrain_tests::{examples, last_json, run, stderr, wait_for, Cluster, FASHION_MNIST};
+use safetensors::SafeTensors;
+
+fn cnn_spec() -> String {
+    examples()
+        .join("fashion-cnn.toml")
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn mlp_spec() -> String {
+    examples()
+        .join("fashion-mlp.toml")
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn load_params(dir: &Path) -> HashMap<String, Vec<f32>> {
+    let bytes = std::fs::read(dir.join("model.safetensors")).expect("checkpoint file");
+    let st = SafeTensors::deserialize(&bytes).expect("safetensors");
+    st.tensors()
+        .into_iter()
+        .filter(|(name, _)| !name.starts_with("momentum."))
+        .map(|(name, view)| {
+            let data = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (name, data)
+        })
+        .collect()
+}
+
+/// max over tensors of max|a-b| / max|b|.
+fn max_relative_difference(a: &HashMap<String, Vec<f32>>, b: &HashMap<String, Vec<f32>>) -> f64 {
+    assert_eq!(a.len(), b.len(), "same tensors");
+    a.iter()
+        .map(|(name, x)| {
+            let y = &b[name];
+            let diff = x
+                .iter()
+                .zip(y)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0f32, f32::max);
+            let scale = y.iter().map(|q| q.abs()).fold(0f32, f32::max).max(1e-12);
+            f64::from(diff / scale)
+        })
+        .fold(0.0, f64::max)
+}
+
+fn local(spec: &str, workers: usize, run_dir: &Path, sets: &[&str]) -> serde_json::Value {
+    let workers = workers.to_string();
+    let run_dir = run_dir.to_string_lossy().into_owned();
+    let mut args = vec![
+        "local",
+        spec,
+        "--workers",
+        &workers,
+        "--json",
+        "--run-dir",
+        &run_dir,
+    ];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    let o = run(&args);
+    assert!(o.status.success(), "local failed:\n{}", stderr(&o));
+    let v = last_json(&o);
+    assert_eq!(v["state"], "succeeded", "{v}");
+    v
+}
+
+fn skip_without_data() -> bool {
+    let missing = !Path::new(FASHION_MNIST).is_dir();
+    if missing {
+        eprintln!("SKIPPED: {FASHION_MNIST} missing (scripts/test.sh installs it)");
+    }
+    missing
+}
+
+#[test]
+fn four_workers_of_16_equal_one_worker_of_64() {
+    if skip_without_data() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let four = local(
+        &cnn_spec(),
+        4,
+        &dir.path().join("four"),
+        &["batch_size=16", "max_steps=20", "epochs=0"],
+    );
+    let one = local(
+        &cnn_spec(),
+        1,
+        &dir.path().join("one"),
+        &["batch_size=64", "max_steps=20", "epochs=0"],
+    );
+    assert_eq!(four["steps"], 20);
+    assert_eq!(one["steps"], 20);
+    let a = load_params(Path::new(four["checkpoint_dir"].as_str().expect("dir")));
+    let b = load_params(Path::new(one["checkpoint_dir"].as_str().expect("dir")));
+    let initial_difference = {
+        // Parameters must have moved, or the comparison proves nothing.
+        let fresh = local(
+            &cnn_spec(),
+            1,
+            &dir.path().join("fresh"),
+            &["batch_size=64", "max_steps=1", "epochs=0"],
+        );
+        max_relative_difference(
+            &b,
+            &load_params(Path::new(fresh["checkpoint_dir"].as_str().expect("dir"))),
+        )
+    };
+    assert!(
+        initial_difference > 1e-3,
+        "training moved the parameters ({initial_difference})"
+    );
+    let d = max_relative_difference(&a, &b);
+    assert!(
+        d <= 1e-4,
+        "4x16 vs 1x64 after 20 steps: max relative difference {d}"
+    );
+}
+
+#[test]
+fn resuming_from_a_checkpoint_continues_exactly() {
+    if skip_without_data() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = mlp_spec();
+    let straight = local(&spec, 2, &dir.path().join("straight"), &["max_steps=30"]);
+    let first = local(&spec, 2, &dir.path().join("first"), &["max_steps=12"]);
+    let ckpt = first["checkpoint_dir"].as_str().expect("dir").to_string();
+    let run_dir = dir.path().join("second").to_string_lossy().into_owned();
+    let o = run(&[
+        "local",
+        &spec,
+        "--json",
+        "--run-dir",
+        &run_dir,
+        "--set",
+        "max_steps=30",
+        "--resume",
+        &ckpt,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let resumed = last_json(&o);
+    assert_eq!(resumed["steps"], 30);
+    let a = load_params(Path::new(straight["checkpoint_dir"].as_str().expect("dir")));
+    let b = load_params(Path::new(resumed["checkpoint_dir"].as_str().expect("dir")));
+    assert_eq!(max_relative_difference(&a, &b), 0.0, "resume is bit-exact");
+}
+
+#[test]
+fn submit_watch_status_and_metrics_against_a_live_cluster() {
+    if skip_without_data() {
+        return;
+    }
+    let mut cluster = Cluster::start(2);
+    let spec = mlp_spec();
+    let o = cluster.cli(&[
+        "submit",
+        &spec,
+        "--set",
+        "max_steps=40",
+        "--set",
+        "eval_every_steps=20",
+        "--watch",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v = last_json(&o);
+    assert_eq!(v["state"], "succeeded");
+    assert_eq!(v["steps"], 40);
+    assert_eq!(v["workers"], 2);
+    let acc = v["test_accuracy"].as_f64().expect("accuracy");
+    assert!(acc > 0.6, "40 MLP steps reach more than chance: {acc}");
+    let job = v["job"].as_str().expect("job").to_string();
+
+    let o = cluster.cli(&["status", &job, "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(last_json(&o)["state"], "succeeded");
+    let o = cluster.cli(&["status"]);
+    let table = ringtrain_tests::stdout(&o);
+    assert!(
+        table.contains(&job) && table.contains("succeeded"),
+        "{table}"
+    );
+    assert!(
+        table.contains("127.0.0.1:"),
+        "workers listed with addresses: {table}"
+    );
+
+    let m = cluster.metrics("coordinator");
+    assert!(
+        m.contains(&format!("ringtrain_job_steps_total{{job=\"{job}\"}} 40")),
+        "{m}"
+    );
+    assert!(m.contains("ringtrain_workers_alive 2"), "{m}");
+    let m = cluster.metrics("worker-0");
+    assert!(m.contains("ringtrain_worker_steps_total"), "{m}");
+    assert!(m.contains("ringtrain_allreduce_seconds_total"), "{m}");
+    let log = cluster.log("coordinator");
+    assert!(
+        log.contains("step") && log.contains("loss"),
+        "coordinator logs carry steps"
+    );
+}
+
+#[test]
+fn a_cancelled_job_stops_and_frees_its_workers() {
+    if skip_without_data() {
+        return;
+    }
+    let cluster = Cluster::start(2);
+    let o = cluster.cli(&["submit", &mlp_spec(), "--set", "max_steps=1000000"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let job = ringtrain_tests::stdout(&o).trim().to_string();
+    wait_for("the job to make progress", Duration::from_secs(60), || {
+        let v = last_json(&cluster.cli(&["status", &job, "--json"]));
+        (v["steps"].as_u64()? >= 3).then_some(())
+    });
+    let o = cluster.cli(&["cancel", &job]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(ringtrain_tests::stdout(&o).contains("cancelled"));
+    // Workers go idle, and a new job can use them.
+    let o = cluster.cli(&[
+        "submit",
+        &mlp_spec(),
+        "--set",
+        "max_steps=5",
+        "--watch",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(last_json(&o)["state"], "succeeded");
+    let o = cluster.cli(&["watch", &job, "--json"]);
+    assert!(
+        !o.status.success(),
+        "watching a cancelled job ends non-zero"
+    );
+    assert_eq!(last_json(&o)["state"], "cancelled");
+}
+
+#[test]
+fn two_epochs_of_the_cnn_on_four_workers_reach_89_percent() {
+    if skip_without_data() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let v = local(&cnn_spec(), 4, dir.path(), &[]);
+    assert_eq!(v["epochs"], 2);
+    let acc = v["test_accuracy"].as_f64().expect("accuracy");
+    eprintln!("test accuracy after 2 epochs on 4 workers: {acc}");
+    assert!(acc >= 0.89, "test accuracy {acc} < 0.89");
+}

@@ -1,0 +1,282 @@
+//! The worker process: serves its ring endpoints, registers with the
+//! coordinator, heartbeats, and converges to the coordinator's desired
+//! assignment by starting or stopping a trainer thread.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ringtrain_common::jobspec::JobSpec;
+use ringtrain_common::metrics::Metrics;
+use ringtrain_common::{JobId, Rank, RingGeneration};
+use ringtrain_proto as pb;
+use ringtrain_proto::worker_control_client::WorkerControlClient;
+use tokio::net::TcpListener;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{error, info, warn};
+
+use crate::config::WorkerConfig;
+use crate::ring::{grpc, tcp, RingEndpoints, TransportKind};
+use crate::trainer::{self, Assignment, TrainerContext};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("cannot reach the coordinator at {url}: {cause}")]
+    Unreachable { url: String, cause: String },
+    #[error("coordinator at {url} refused registration: {cause}")]
+    Registration { url: String, cause: String },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The worker's already-bound listeners.
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub ring: TcpListener,
+}
+
+/// The addresses this worker serves on, once it is up.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Ready {
+    pub grpc: SocketAddr,
+    pub ring: SocketAddr,
+    pub worker_id: String,
+}
+
+struct Running {
+    key: (String, u64),
+    cancel: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Running {
+    fn stop(self) {
+        self.cancel.store(true, Ordering::SeqCst);
+        // The trainer notices within a step or a ring timeout; don't block the runtime on it.
+        std::thread::spawn(move || {
+            let _ = self.thread.join();
+        });
+    }
+}
+
+async fn connect(url: &str, timeout: Duration) -> Result<Channel, WorkerError> {
+    let unreachable = |cause: String| WorkerError::Unreachable {
+        url: url.to_string(),
+        cause,
+    };
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| unreachable(format!("bad URL ({e})")))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match endpoint.connect().await {
+            Ok(ch) => return Ok(ch),
+            Err(e) if tokio::time::Instant::now() + backoff < deadline => {
+                tracing::debug!(error = %e, "coordinator not reachable yet");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => {
+                let cause = std::error::Error::source(&e)
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| e.to_string());
+                return Err(unreachable(format!("{cause} (gave up after {timeout:?})")));
+            }
+        }
+    }
+}
+
+/// The local IP that traffic to the coordinator leaves from: what ring
+/// neighbours on the same network can reach.
+fn local_ip_towards(url: &str) -> Option<std::net::IpAddr> {
+    let authority = url.split("://").nth(1).unwrap_or(url).split('/').next()?;
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(authority)
+        .ok()?
+        .next()?;
+    let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.local_addr().ok().map(|a| a.ip())
+}
+
+fn to_assignment(a: pb::Assignment) -> Result<Assignment, String> {
+    let spec = JobSpec::parse(&a.spec_toml, &[]).map_err(|e| e.to_string())?;
+    Ok(Assignment {
+        job: a.job_id.parse::<JobId>()?,
+        generation: RingGeneration(a.ring_generation),
+        rank: Rank(a.rank),
+        members: a.members,
+        transport: a.transport.parse::<TransportKind>()?,
+        spec,
+        start_version: a.start_version,
+        resume_from: (!a.resume_from.is_empty()).then(|| PathBuf::from(a.resume_from)),
+        checkpoint_dir: PathBuf::from(a.checkpoint_dir),
+    })
+}
+
+/// Runs the worker until `shutdown` resolves. `on_ready` is called once the
+/// worker is registered (the binary writes its ready file there).
+pub async fn run(
+    config: WorkerConfig,
+    listeners: Listeners,
+    metrics: Metrics,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_ready: impl FnOnce(&Ready),
+) -> Result<(), WorkerError> {
+    let (grpc_addr, ring_addr) = (listeners.grpc.local_addr()?, listeners.ring.local_addr()?);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    // Ring endpoints first: neighbours may dial as soon as we are in a ring.
+    let grpc_inbox = Arc::new(grpc::GrpcInbox::default());
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<pb::ring_server::RingServer<grpc::RingService>>()
+        .await;
+    let server = grpc::server_builder()
+        .add_service(health)
+        .add_service(grpc::RingService::new(grpc_inbox.clone()).into_server())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc),
+            stopped(),
+        );
+    let server = tokio::spawn(server);
+    let endpoints = RingEndpoints {
+        tcp: Some(tcp::TcpInbox::serve(listeners.ring, stopped())?),
+        grpc: Some(grpc_inbox),
+    };
+
+    let url = config.coordinator.clone();
+    let channel = connect(&url, config.connect_timeout()).await?;
+    let mut client = WorkerControlClient::new(channel);
+    let host = if config.advertise_host.is_empty() {
+        local_ip_towards(&url)
+            .map(|ip| ip.to_string())
+            .unwrap_or_else(|| "127.0.0.1".into())
+    } else {
+        config.advertise_host.clone()
+    };
+    let register = pb::RegisterWorkerRequest {
+        grpc_addr: format!("{host}:{}", grpc_addr.port()),
+        ring_addr: format!("{host}:{}", ring_addr.port()),
+        hostname: std::env::var("HOSTNAME").unwrap_or_default(),
+        pid: std::process::id(),
+    };
+    let registration_error = |e: tonic::Status| WorkerError::Registration {
+        url: url.clone(),
+        cause: e.message().to_string(),
+    };
+    let reg = client
+        .register_worker(register.clone())
+        .await
+        .map_err(registration_error)?
+        .into_inner();
+    let mut worker_id = reg.worker_id;
+    info!(worker = %worker_id, grpc = %register.grpc_addr, ring = %register.ring_addr, "registered with coordinator");
+    on_ready(&Ready {
+        grpc: grpc_addr,
+        ring: ring_addr,
+        worker_id: worker_id.clone(),
+    });
+
+    let progress = Arc::new(AtomicU64::new(0));
+    let mut current: Option<Running> = None;
+    let mut every = tokio::time::interval(Duration::from_millis(u64::from(
+        reg.heartbeat_interval_ms.max(20),
+    )));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = every.tick() => {}
+        }
+        let (job_id, generation) = current.as_ref().map(|r| r.key.clone()).unwrap_or_default();
+        let beat = pb::HeartbeatRequest {
+            worker_id: worker_id.clone(),
+            job_id,
+            ring_generation: generation,
+            param_version: progress.load(Ordering::Relaxed),
+        };
+        let resp = match client.heartbeat(beat).await {
+            Ok(r) => r.into_inner(),
+            Err(e) => {
+                warn!(error = %e.message(), "heartbeat failed; coordinator unavailable?");
+                continue;
+            }
+        };
+        if resp.unknown_worker {
+            // The coordinator forgot us or declared us lost: drop what we do
+            // and come back as a new member.
+            if let Some(r) = current.take() {
+                r.stop();
+            }
+            match client.register_worker(register.clone()).await {
+                Ok(r) => {
+                    worker_id = r.into_inner().worker_id;
+                    info!(worker = %worker_id, "registered again");
+                }
+                Err(e) => warn!(error = %e.message(), "re-registration failed"),
+            }
+            continue;
+        }
+        let desired = resp
+            .assignment
+            .map(|a| ((a.job_id.clone(), a.ring_generation), a));
+        let same = match (&current, &desired) {
+            (Some(r), Some((key, _))) => &r.key == key,
+            (None, None) => true,
+            _ => false,
+        };
+        if same {
+            continue;
+        }
+        if let Some(r) = current.take() {
+            info!(job = %r.key.0, "leaving job");
+            r.stop();
+        }
+        let Some((key, a)) = desired else { continue };
+        let assignment = match to_assignment(a) {
+            Ok(a) => a,
+            Err(e) => {
+                error!(error = %e, "unusable assignment");
+                continue;
+            }
+        };
+        info!(job = %assignment.job, generation = %assignment.generation, rank = %assignment.rank, world = assignment.members.len(), "joining ring");
+        let cancel = Arc::new(AtomicBool::new(false));
+        let ctx = TrainerContext {
+            worker_id: worker_id.clone(),
+            assignment,
+            client: client.clone(),
+            runtime: tokio::runtime::Handle::current(),
+            endpoints: endpoints.clone(),
+            cancel: cancel.clone(),
+            metrics: metrics.clone(),
+            progress: progress.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("trainer".into())
+            .spawn(move || trainer::run_and_report(ctx))?;
+        current = Some(Running {
+            key,
+            cancel,
+            thread,
+        });
+    }
+    info!("shutting down");
+    if let Some(r) = current.take() {
+        r.stop();
+    }
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    Ok(())
+}
