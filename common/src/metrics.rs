@@ -109,11 +109,23 @@ pub async fn serve(
                 let Ok((mut stream, _)) = accepted else { continue };
                 let metrics = metrics.clone();
                 tokio::spawn(async move {
-                    let mut buf = vec![0u8; 4096];
-                    let n = match tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf)).await {
-                        Ok(Ok(n)) => n,
-                        _ => return,
+                    // Read until the end of the request head (clients may send it in pieces).
+                    let mut buf = Vec::with_capacity(1024);
+                    let mut chunk = [0u8; 1024];
+                    let head = async {
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
+                            let n = stream.read(&mut chunk).await?;
+                            if n == 0 {
+                                break;
+                            }
+                            buf.extend_from_slice(&chunk[..n]);
+                        }
+                        Ok::<_, std::io::Error>(())
                     };
+                    if !matches!(tokio::time::timeout(std::time::Duration::from_secs(5), head).await, Ok(Ok(()))) {
+                        return;
+                    }
+                    let n = buf.len();
                     let req = String::from_utf8_lossy(&buf[..n]);
                     let path = req.split_whitespace().nth(1).unwrap_or("/");
                     let (status, ctype, body) = match path {

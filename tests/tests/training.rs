@@ -87,6 +87,10 @@ fn skip_without_data() -> bool {
     missing
 }
 
+/// lr 0.01: at the demo's lr 0.05 with momentum 0.9 the first steps are so
+/// sensitive that f32 rounding differences (1e-7 after 3 steps, measured)
+/// grow to 3e-3 by step 10 and 8e-2 by step 20 whatever the merge, which
+/// would hide a real error instead of testing for one.
 #[test]
 fn four_workers_of_16_equal_one_worker_of_64() {
     if skip_without_data() {
@@ -97,13 +101,13 @@ fn four_workers_of_16_equal_one_worker_of_64() {
         &cnn_spec(),
         4,
         &dir.path().join("four"),
-        &["batch_size=16", "max_steps=20", "epochs=0"],
+        &["batch_size=16", "max_steps=20", "optimizer.lr=0.01"],
     );
     let one = local(
         &cnn_spec(),
         1,
         &dir.path().join("one"),
-        &["batch_size=64", "max_steps=20", "epochs=0"],
+        &["batch_size=64", "max_steps=20", "optimizer.lr=0.01"],
     );
     assert_eq!(four["steps"], 20);
     assert_eq!(one["steps"], 20);
@@ -115,7 +119,7 @@ fn four_workers_of_16_equal_one_worker_of_64() {
             &cnn_spec(),
             1,
             &dir.path().join("fresh"),
-            &["batch_size=64", "max_steps=1", "epochs=0"],
+            &["batch_size=64", "max_steps=1", "optimizer.lr=0.01"],
         );
         max_relative_difference(
             &b,
@@ -254,15 +258,22 @@ fn a_cancelled_job_stops_and_frees_its_workers() {
     assert_eq!(last_json(&o)["state"], "cancelled");
 }
 
+/// The demo's setup (cnn, batch 64 per worker, SGD lr 0.05 momentum 0.9, 2
+/// epochs). DDP's 0.891 (shared/README) is with 2 workers; with 4 workers the
+/// global batch doubles and half as many steps are taken: DDP itself reached
+/// 0.8836 there (ddp_train.py --world 4 --epochs 2), so that run is held to
+/// DDP's figure less one point.
 #[test]
-fn two_epochs_of_the_cnn_on_four_workers_reach_89_percent() {
+fn two_epochs_of_the_cnn_reach_ddp_accuracy() {
     if skip_without_data() {
         return;
     }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let v = local(&cnn_spec(), 4, dir.path(), &[]);
-    assert_eq!(v["epochs"], 2);
-    let acc = v["test_accuracy"].as_f64().expect("accuracy");
-    eprintln!("test accuracy after 2 epochs on 4 workers: {acc}");
-    assert!(acc >= 0.89, "test accuracy {acc} < 0.89");
+    for (workers, floor) in [(2, 0.89), (4, 0.8736)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let v = local(&cnn_spec(), workers, dir.path(), &[]);
+        assert_eq!(v["epochs"], 2);
+        let acc = v["test_accuracy"].as_f64().expect("accuracy");
+        eprintln!("test accuracy after 2 epochs on {workers} workers: {acc}");
+        assert!(acc >= floor, "{workers} workers: test accuracy {acc} < {floor}");
+    }
 }
