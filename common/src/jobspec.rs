@@ -21,8 +21,24 @@ pub struct JobSpec {
     /// Stop after this many steps (0 = bounded by epochs only).
     #[serde(default)]
     pub max_steps: u64,
-    /// Workers in the ring.
+    /// Workers the job starts with.
     pub workers: usize,
+    /// Below this many live workers the job pauses (state waiting) instead of
+    /// failing (0 = 1).
+    #[serde(default)]
+    pub min_workers: usize,
+    /// Workers that register during the run join up to this many (0 = `workers`).
+    #[serde(default)]
+    pub max_workers: usize,
+    /// Keep the global batch at `workers × batch_size` when the ring shrinks or
+    /// grows (each worker's share is rescaled); otherwise the per-worker batch
+    /// stays and the global batch follows the ring size.
+    #[serde(default)]
+    pub keep_global_batch: bool,
+    /// Audit: each worker appends the sample ids of every step it completes to
+    /// `<checkpoint dir>/../samples/<worker>.jsonl`.
+    #[serde(default)]
+    pub audit_samples: bool,
     #[serde(default)]
     pub seed: u64,
     /// Evaluate on the test split every N steps (0 = only at the end).
@@ -152,6 +168,24 @@ impl JobSpec {
         Ok(spec)
     }
 
+    pub fn min_workers(&self) -> usize {
+        self.min_workers.max(1)
+    }
+
+    pub fn max_workers(&self) -> usize {
+        self.max_workers.max(self.workers)
+    }
+
+    /// The global batch of a step taken by `world` workers.
+    pub fn global_batch(&self, world: usize) -> u64 {
+        let w = if self.keep_global_batch {
+            self.workers
+        } else {
+            world
+        };
+        (w * self.batch_size) as u64
+    }
+
     pub fn to_toml(&self) -> String {
         toml::to_string(self).unwrap_or_default()
     }
@@ -174,6 +208,24 @@ impl JobSpec {
         }
         if self.workers == 0 {
             return Err(invalid("workers", "must be at least 1"));
+        }
+        if self.min_workers > self.workers {
+            return Err(invalid(
+                "min_workers",
+                format!(
+                    "({}) must not exceed workers ({})",
+                    self.min_workers, self.workers
+                ),
+            ));
+        }
+        if self.max_workers != 0 && self.max_workers < self.workers {
+            return Err(invalid(
+                "max_workers",
+                format!(
+                    "({}) must be at least workers ({})",
+                    self.max_workers, self.workers
+                ),
+            ));
         }
         if self.optimizer.kind != "sgd" {
             return Err(invalid(

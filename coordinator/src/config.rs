@@ -16,6 +16,9 @@ pub struct CoordinatorConfig {
     pub heartbeat_interval_ms: u64,
     /// A worker silent for this long is declared lost.
     pub worker_timeout_ms: u64,
+    /// A worker named by a neighbour's ring failure and silent this long
+    /// since is declared lost (fast detection of dead workers).
+    pub suspect_timeout_ms: u64,
 }
 
 impl Default for CoordinatorConfig {
@@ -26,6 +29,7 @@ impl Default for CoordinatorConfig {
             data_dir: PathBuf::from("ringtrain-data"),
             heartbeat_interval_ms: 200,
             worker_timeout_ms: 3000,
+            suspect_timeout_ms: 600,
         }
     }
 }
@@ -37,5 +41,9 @@ impl CoordinatorConfig {
 
     pub fn worker_timeout(&self) -> Duration {
         Duration::from_millis(self.worker_timeout_ms)
+    }
+
+    pub fn suspect_timeout(&self) -> Duration {
+        Duration::from_millis(self.suspect_timeout_ms)
     }
 }

@@ -12,13 +12,23 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::config::CoordinatorConfig;
 use crate::service::Coordinator;
 
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves until `shutdown`. Jobs persist in `<data_dir>/coordinator.redb`.
 pub async fn serve(
     listener: TcpListener,
     config: CoordinatorConfig,
     metrics: Metrics,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), tonic::transport::Error> {
-    let coordinator = Coordinator::new(config.clone(), metrics);
+) -> Result<(), ServeError> {
+    let store = crate::store::Store::open(&config.data_dir.join("coordinator.redb"))?;
+    let coordinator = Coordinator::new(config.clone(), metrics, store)?;
     let ticker = coordinator.clone();
     let tick = tokio::spawn(async move {
         let mut every = tokio::time::interval(config.heartbeat_interval());
@@ -42,5 +52,5 @@ pub async fn serve(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
     tick.abort();
-    result
+    Ok(result?)
 }

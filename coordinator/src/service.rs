@@ -16,8 +16,9 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::config::CoordinatorConfig;
-use crate::scheduler::{decide, Decision};
-use crate::state::{Job, JobEvent, JobSnapshot, JobState, State, VersionTally, Worker};
+use crate::scheduler::{decide, Decision, Timeouts};
+use crate::state::{Drain, Job, JobEvent, JobSnapshot, JobState, State, VersionTally, Worker};
+use crate::store::{Counters, JobRecord, Store};
 
 #[derive(Clone)]
 pub struct Coordinator {
@@ -28,6 +29,7 @@ struct Inner {
     state: Mutex<State>,
     config: CoordinatorConfig,
     metrics: Metrics,
+    store: Store,
 }
 
 fn parse_job(id: &str) -> Result<JobId, Status> {
@@ -46,13 +48,53 @@ fn not_found(id: JobId) -> Status {
 }
 
 impl Coordinator {
-    pub fn new(config: CoordinatorConfig, metrics: Metrics) -> Self {
-        Self {
+    /// A coordinator over `store`, with the jobs it holds: unfinished jobs
+    /// wait for workers to come back and resume.
+    pub fn new(
+        config: CoordinatorConfig,
+        metrics: Metrics,
+        store: Store,
+    ) -> Result<Self, crate::store::StoreError> {
+        let (records, counters) = store.load()?;
+        let mut st = State {
+            next_generation: counters.next_generation,
+            next_worker: counters.next_worker,
+            ..State::default()
+        };
+        let regroup = Instant::now() + config.worker_timeout() * 2;
+        for r in records {
+            let Some(job) = job_from_record(&r, regroup) else {
+                warn!(
+                    job = r.id,
+                    "skipping a stored job whose spec no longer parses"
+                );
+                continue;
+            };
+            if !job.state.is_terminal() {
+                info!(job = %job.id, state = ?job.state, step = job.step, "recovered job");
+            }
+            st.queue.push(job.id);
+            st.jobs.insert(job.id, job);
+        }
+        Ok(Self {
             inner: Arc::new(Inner {
-                state: Mutex::new(State::default()),
+                state: Mutex::new(st),
                 config,
                 metrics,
+                store,
             }),
+        })
+    }
+
+    /// Persists a job; failures are logged, not fatal (the job goes on).
+    fn persist(&self, st: &State, id: JobId, durable: bool) {
+        let Some(job) = st.jobs.get(&id) else { return };
+        let counters = Counters {
+            next_generation: st.next_generation,
+            next_worker: st.next_worker,
+        };
+        if let Err(e) = self.inner.store.put(&job_record(job), counters, durable) {
+            warn!(error = %e, "could not persist job");
         }
     }
 
@@ -67,11 +109,23 @@ impl Coordinator {
         self.schedule(&mut st, Instant::now());
     }
 
+    fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            worker: self.inner.config.worker_timeout(),
+            suspect: self.inner.config.suspect_timeout(),
+        }
+    }
+
     fn schedule(&self, st: &mut State, now: Instant) {
-        for decision in decide(now, st, self.inner.config.worker_timeout()) {
+        for decision in decide(now, st, self.timeouts()) {
             match decision {
                 Decision::WorkerLost { worker } => self.worker_lost(st, worker),
-                Decision::Start { job, members } => self.start_job(st, job, members),
+                Decision::Start { job, members } => self.form_ring(st, job, members, "running"),
+                Decision::Reform { job, members } => {
+                    self.form_ring(st, job, members, "ring re-formed")
+                }
+                Decision::Pause { job, survivors } => self.pause(st, job, survivors),
+                Decision::Drain { job, joiners } => self.drain(st, job, joiners),
             }
         }
         self.update_gauges(st);
@@ -82,38 +136,91 @@ impl Coordinator {
             return;
         };
         w.alive = false;
-        let (addr, job) = (w.grpc_addr.clone(), w.job.take());
-        warn!(worker = %id, %addr, "worker lost: no heartbeat within the timeout");
-        if let Some(job) = job {
-            let step = st.jobs.get(&job).map(|j| j.step).unwrap_or(0);
-            let why = format!(
-                "worker {id} at {addr} stopped heartbeating (silent for more than {:?}) at step {step}",
-                self.inner.config.worker_timeout()
-            );
-            self.end_job(st, job, JobState::Failed, why);
-        }
+        w.job = None;
+        warn!(worker = %id, addr = %w.grpc_addr, "worker lost: silent past its timeout");
     }
 
-    fn start_job(&self, st: &mut State, id: JobId, members: Vec<WorkerId>) {
+    /// Makes `members` the job's ring, as a new generation.
+    fn form_ring(&self, st: &mut State, id: JobId, members: Vec<WorkerId>, why: &str) {
         st.next_generation += 1;
         let generation = RingGeneration(st.next_generation);
+        let Some(job) = st.jobs.get_mut(&id) else {
+            return;
+        };
+        let old: Vec<WorkerId> = job
+            .members
+            .iter()
+            .chain(job.drain.iter().flat_map(|d| d.joiners.iter()))
+            .copied()
+            .collect();
+        job.state = JobState::Running;
+        job.generation = generation;
+        job.members = members.clone();
+        job.suspects.clear();
+        job.ring_failed = false;
+        job.drain = None;
+        job.regroup_until = None;
+        job.tallies.clear();
+        let world = members.len();
+        let global = job.spec.global_batch(world);
+        let names: Vec<String> = members.iter().map(|w| w.to_string()).collect();
+        if why == "running" {
+            info!(job = %id, %generation, workers = %names.join(","), global_batch = global, "job running");
+        } else {
+            warn!(job = %id, %generation, workers = %names.join(","), global_batch = global, step = job.step, "ring re-formed");
+        }
+        job.emit(
+            if why == "running" { "state" } else { "workers" },
+            format!("{why}: {world} workers ({generation}), global batch {global}"),
+        );
+        for w in old {
+            if let Some(w) = st.workers.get_mut(&w) {
+                if w.job == Some(id) && !members.contains(&w.id) {
+                    w.job = None;
+                }
+            }
+        }
         for w in &members {
             if let Some(w) = st.workers.get_mut(w) {
                 w.job = Some(id);
             }
         }
+        self.persist(st, id, true);
+    }
+
+    fn pause(&self, st: &mut State, id: JobId, survivors: Vec<WorkerId>) {
         let Some(job) = st.jobs.get_mut(&id) else {
             return;
         };
-        job.state = JobState::Running;
-        job.generation = generation;
-        job.members = members;
-        let names: Vec<String> = job.members.iter().map(|w| w.to_string()).collect();
-        info!(job = %id, %generation, workers = %names.join(","), "job running");
+        let min = job.spec.min_workers();
+        job.state = JobState::Waiting;
+        job.members = survivors;
+        job.suspects.clear();
+        job.ring_failed = false;
+        warn!(job = %id, alive = job.members.len(), min_workers = min, "job waiting for workers");
         job.emit(
             "state",
-            format!("running on {} workers ({generation})", job.members.len()),
+            format!("waiting: {} live workers, {min} needed", job.members.len()),
         );
+        self.persist(st, id, true);
+    }
+
+    fn drain(&self, st: &mut State, id: JobId, joiners: Vec<WorkerId>) {
+        let Some(job) = st.jobs.get_mut(&id) else {
+            return;
+        };
+        let at_version = job.max_reported.max(job.step) + 1;
+        info!(job = %id, joiners = joiners.len(), at_version, "workers joining at the next step boundary");
+        job.drain = Some(Drain {
+            at_version,
+            joiners: joiners.clone(),
+            stopped: Default::default(),
+        });
+        for w in joiners {
+            if let Some(w) = st.workers.get_mut(&w) {
+                w.job = Some(id);
+            }
+        }
     }
 
     /// Moves a job to a terminal state and frees its workers.
@@ -126,7 +233,8 @@ impl Coordinator {
         }
         job.state = state;
         job.error = error;
-        let members = std::mem::take(&mut job.members);
+        let mut members = std::mem::take(&mut job.members);
+        members.extend(job.drain.take().map(|d| d.joiners).unwrap_or_default());
         match state {
             JobState::Failed => warn!(job = %id, error = %job.error, "job failed"),
             _ => info!(job = %id, state = ?state, step = job.step, "job ended"),
@@ -144,6 +252,7 @@ impl Coordinator {
                 }
             }
         }
+        self.persist(st, id, true);
     }
 
     fn update_gauges(&self, st: &State) {
@@ -158,6 +267,7 @@ impl Coordinator {
         for (state, name) in [
             (JobState::Pending, "pending"),
             (JobState::Running, "running"),
+            (JobState::Waiting, "waiting"),
             (JobState::Succeeded, "succeeded"),
             (JobState::Failed, "failed"),
             (JobState::Cancelled, "cancelled"),
@@ -203,7 +313,7 @@ impl Coordinator {
             members,
             spec_toml: job.spec_toml.clone(),
             start_version: job.start_version,
-            resume_from: job.resume_from.clone(),
+            resume_from: job.resume_source(),
             checkpoint_dir: job.checkpoint_dir.clone(),
             transport: job.spec.ring.transport.clone(),
         })
@@ -236,6 +346,7 @@ fn state_to_pb(s: JobState) -> pb::JobState {
     match s {
         JobState::Pending => pb::JobState::Pending,
         JobState::Running => pb::JobState::Running,
+        JobState::Waiting => pb::JobState::Waiting,
         JobState::Succeeded => pb::JobState::Succeeded,
         JobState::Failed => pb::JobState::Failed,
         JobState::Cancelled => pb::JobState::Cancelled,
@@ -300,33 +411,12 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         } else {
             spec.checkpoint.dir.clone()
         };
-        let (events, _) = broadcast::channel(1024);
-        let job = Job {
-            id,
-            spec_toml: spec.to_toml(),
-            spec,
-            resume_from: req.resume_from,
-            start_version: 0,
-            checkpoint_dir,
-            state: JobState::Pending,
-            error: String::new(),
-            submitted: SystemTime::now(),
-            members: Vec::new(),
-            generation: RingGeneration(0),
-            step: 0,
-            total_steps: 0,
-            epoch: 0,
-            loss: f64::NAN,
-            samples_per_s: 0.0,
-            eval: None,
-            tallies: Default::default(),
-            finished: Default::default(),
-            events,
-        };
+        let job = Job::new(id, spec, req.resume_from, checkpoint_dir, SystemTime::now());
         info!(job = %id, name = %job.spec.name, model = %job.spec.model, workers = job.spec.workers, "job submitted");
         let mut st = self.lock();
         st.jobs.insert(id, job);
         st.queue.push(id);
+        self.persist(&st, id, true);
         self.schedule(&mut st, Instant::now());
         Ok(Response::new(pb::SubmitJobResponse {
             job_id: id.to_string(),
@@ -535,6 +625,7 @@ impl pb::worker_control_server::WorkerControl for Coordinator {
             }
         };
         job.total_steps = r.total_steps;
+        job.max_reported = job.max_reported.max(r.param_version);
         let world = job.members.len();
         let tally = job
             .tallies
@@ -563,7 +654,8 @@ impl pb::worker_control_server::WorkerControl for Coordinator {
         tally.loss_sum += r.loss * r.samples as f64;
         tally.samples += r.samples;
         tally.slowest_step_s = tally.slowest_step_s.max(r.step_seconds);
-        if tally.reporters.len() == world {
+        let complete = tally.reporters.len() == world;
+        if complete {
             let (loss, samples, secs, epoch) = (
                 tally.loss_sum / tally.samples.max(1) as f64,
                 tally.samples,
@@ -585,7 +677,7 @@ impl pb::worker_control_server::WorkerControl for Coordinator {
                 job.samples_per_s,
                 job.generation.0,
             );
-            info!(job = %id, step, total, epoch, loss = format!("{loss:.4}"), samples_per_s = format!("{sps:.0}"), "step");
+            info!(job = %id, step, total, epoch, workers = world, loss = format!("{loss:.4}"), samples_per_s = format!("{sps:.0}"), "step");
             job.emit("step", String::new());
             let m = &self.inner.metrics;
             let l = [("job", id.as_str())];
@@ -626,7 +718,28 @@ impl pb::worker_control_server::WorkerControl for Coordinator {
                 world as f64,
             );
         }
-        Ok(Response::new(pb::StepReply { continue_job: true }))
+        // Growing: every member stops after the drain version, then the ring
+        // is re-formed with the joiners.
+        let mut reform = None;
+        let mut continue_job = true;
+        if let Some(d) = job.drain.as_mut() {
+            if r.param_version >= d.at_version {
+                continue_job = false;
+                d.stopped.insert(worker);
+                if d.stopped.len() == world {
+                    let mut members = job.members.clone();
+                    members.extend(d.joiners.iter().copied());
+                    reform = Some(members);
+                }
+            }
+        }
+        if complete {
+            self.persist(&st, job_id, false);
+        }
+        if let Some(members) = reform {
+            self.form_ring(&mut st, job_id, members, "ring grown");
+        }
+        Ok(Response::new(pb::StepReply { continue_job }))
     }
 
     async fn report_eval(
@@ -672,6 +785,7 @@ impl pb::worker_control_server::WorkerControl for Coordinator {
         let mut st = self.lock();
         let job = st.jobs.get_mut(&job_id).ok_or_else(|| not_found(job_id))?;
         job.checkpoint_dir = r.dir.clone();
+        job.checkpoint_version = Some(r.param_version);
         info!(job = %job_id, version = r.param_version, dir = %r.dir, "checkpoint");
         job.emit(
             "checkpoint",
@@ -705,4 +819,94 @@ impl pb::worker_control_server::WorkerControl for Coordinator {
         self.schedule(&mut st, Instant::now());
         Ok(Response::new(pb::Empty {}))
     }
+
+    async fn report_ring_failure(
+        &self,
+        request: Request<pb::RingFailureReport>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        let r = request.into_inner();
+        let worker = parse_worker(&r.worker_id)?;
+        let job_id = parse_job(&r.job_id)?;
+        let mut st = self.lock();
+        let now = Instant::now();
+        let Ok(job) = Self::member(&mut st, job_id, worker, r.ring_generation) else {
+            return Ok(Response::new(pb::Empty {})); // an old generation: already handled
+        };
+        let suspect = usize::try_from(r.suspect_rank)
+            .ok()
+            .and_then(|rank| job.members.get(rank).copied());
+        warn!(job = %job_id, %worker, version = r.param_version, suspect = ?suspect.map(|w| w.to_string()), error = %r.error, "ring failure reported");
+        if let Some(s) = suspect {
+            job.suspects.entry(s).or_insert(now);
+        }
+        job.ring_failed = true;
+        self.schedule(&mut st, now);
+        Ok(Response::new(pb::Empty {}))
+    }
+}
+
+fn state_name(s: JobState) -> &'static str {
+    match s {
+        JobState::Pending => "pending",
+        JobState::Running => "running",
+        JobState::Waiting => "waiting",
+        JobState::Succeeded => "succeeded",
+        JobState::Failed => "failed",
+        JobState::Cancelled => "cancelled",
+    }
+}
+
+fn job_record(job: &Job) -> JobRecord {
+    JobRecord {
+        id: job.id.0,
+        spec_toml: job.spec_toml.clone(),
+        resume_from: job.resume_from.clone(),
+        checkpoint_dir: job.checkpoint_dir.clone(),
+        checkpoint_version: job.checkpoint_version,
+        state: state_name(job.state).into(),
+        error: job.error.clone(),
+        submitted_unix_s: job
+            .submitted
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0),
+        step: job.step,
+        total_steps: job.total_steps,
+        epoch: job.epoch,
+        loss: job.loss.is_finite().then_some(job.loss),
+        eval: job.eval,
+    }
+}
+
+/// A stored job as the restarted coordinator holds it: an unfinished job
+/// has no ring any more and waits (regrouping first) for workers.
+fn job_from_record(r: &JobRecord, regroup_until: Instant) -> Option<Job> {
+    let spec = JobSpec::parse(&r.spec_toml, &[]).ok()?;
+    let submitted = UNIX_EPOCH + std::time::Duration::from_secs_f64(r.submitted_unix_s.max(0.0));
+    let mut job = Job::new(
+        JobId(r.id),
+        spec,
+        r.resume_from.clone(),
+        r.checkpoint_dir.clone(),
+        submitted,
+    );
+    job.checkpoint_version = r.checkpoint_version;
+    job.error = r.error.clone();
+    job.step = r.step;
+    job.max_reported = r.step;
+    job.total_steps = r.total_steps;
+    job.epoch = r.epoch;
+    job.loss = r.loss.unwrap_or(f64::NAN);
+    job.eval = r.eval;
+    job.state = match r.state.as_str() {
+        "pending" => JobState::Pending,
+        "succeeded" => JobState::Succeeded,
+        "failed" => JobState::Failed,
+        "cancelled" => JobState::Cancelled,
+        _ => {
+            job.regroup_until = Some(regroup_until);
+            JobState::Waiting
+        }
+    };
+    Some(job)
 }

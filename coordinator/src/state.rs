@@ -1,7 +1,7 @@
 //! Jobs and workers as the coordinator knows them. One owner: the service
 //! holds this behind a single mutex, never across an `.await`.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Instant, SystemTime};
 
 use ringtrain_common::jobspec::JobSpec;
@@ -12,6 +12,8 @@ use tokio::sync::broadcast;
 pub enum JobState {
     Pending,
     Running,
+    /// Fewer live workers than `min_workers`: paused, members keep their state.
+    Waiting,
     Succeeded,
     Failed,
     Cancelled,
@@ -89,9 +91,78 @@ pub struct Job {
     pub tallies: BTreeMap<u64, VersionTally>,
     pub finished: HashSet<WorkerId>,
     pub events: broadcast::Sender<JobEvent>,
+    /// Members named by a ring failure, and when.
+    pub suspects: HashMap<WorkerId, Instant>,
+    /// The current generation's ring failed: re-form once suspects are resolved.
+    pub ring_failed: bool,
+    /// Growing at a step boundary: members stop after this version, then the
+    /// ring is re-formed with the joiners.
+    pub drain: Option<Drain>,
+    /// Highest version any member reported in this generation.
+    pub max_reported: u64,
+    /// Version of the newest checkpoint written, if any.
+    pub checkpoint_version: Option<u64>,
+    /// Recovered after a coordinator restart: until then, wait for the full
+    /// worker count before re-forming (workers are reconnecting).
+    pub regroup_until: Option<Instant>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Drain {
+    pub at_version: u64,
+    pub joiners: Vec<WorkerId>,
+    pub stopped: HashSet<WorkerId>,
 }
 
 impl Job {
+    pub fn new(
+        id: JobId,
+        spec: JobSpec,
+        resume_from: String,
+        checkpoint_dir: String,
+        submitted: SystemTime,
+    ) -> Self {
+        let (events, _) = broadcast::channel(1024);
+        Self {
+            id,
+            spec_toml: spec.to_toml(),
+            spec,
+            resume_from,
+            start_version: 0,
+            checkpoint_dir,
+            state: JobState::Pending,
+            error: String::new(),
+            submitted,
+            members: Vec::new(),
+            generation: RingGeneration(0),
+            step: 0,
+            total_steps: 0,
+            epoch: 0,
+            loss: f64::NAN,
+            samples_per_s: 0.0,
+            eval: None,
+            tallies: BTreeMap::new(),
+            finished: HashSet::new(),
+            events,
+            suspects: HashMap::new(),
+            ring_failed: false,
+            drain: None,
+            max_reported: 0,
+            checkpoint_version: None,
+            regroup_until: None,
+        }
+    }
+
+    /// Where a worker without state starts from: the newest checkpoint of
+    /// this job, else the checkpoint it was submitted to resume from.
+    pub fn resume_source(&self) -> String {
+        if self.checkpoint_version.is_some() {
+            self.checkpoint_dir.clone()
+        } else {
+            self.resume_from.clone()
+        }
+    }
+
     pub fn snapshot(&self) -> JobSnapshot {
         JobSnapshot {
             id: self.id,

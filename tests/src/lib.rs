@@ -150,7 +150,12 @@ impl Cluster {
     }
 
     fn spawn(&mut self, name: &str, args: &[&str]) -> serde_json::Value {
-        let log = self.dir.path().join(format!("{name}.log"));
+        let n = self
+            .procs
+            .iter()
+            .filter(|p| p.name.starts_with(name))
+            .count();
+        let log = self.dir.path().join(format!("{name}-{n}.log"));
         let ready = self.dir.path().join(format!("{name}.ready"));
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(ringtrain_bin())
@@ -189,6 +194,32 @@ impl Cluster {
             .unwrap_or_else(|| panic!("no process {name}"))
     }
 
+    /// Starts a new coordinator on the same address and data dir as the
+    /// first one (after that one was killed).
+    pub fn restart_coordinator(&mut self) {
+        let addr = self.coordinator.trim_start_matches("http://").to_string();
+        let data = self.dir.path().join("data").to_string_lossy().into_owned();
+        if let Some(p) = self.procs.iter_mut().find(|p| p.name == "coordinator") {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+            p.name = "coordinator (old)".into();
+        }
+        let ready = self.dir.path().join("coordinator.ready");
+        let _ = std::fs::remove_file(&ready);
+        self.spawn(
+            "coordinator",
+            &[
+                "coordinator",
+                "--listen",
+                &addr,
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                &data,
+            ],
+        );
+    }
+
     /// Sends `signal` (e.g. "KILL", "STOP", "CONT") to a process.
     pub fn signal(&mut self, name: &str, signal: &str) {
         let pid = self.proc(name).child.id().to_string();
@@ -217,6 +248,11 @@ impl Cluster {
             .unwrap_or_else(|| panic!("{name} serves no metrics"))
             .to_string();
         http_get(&addr, "/metrics")
+    }
+
+    /// The job's status as `status --json` prints it.
+    pub fn status(&self, job: &str) -> serde_json::Value {
+        last_json(&self.cli(&["status", job, "--json"]))
     }
 
     pub fn log(&mut self, name: &str) -> String {

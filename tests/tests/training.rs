@@ -274,6 +274,9 @@ fn two_epochs_of_the_cnn_reach_ddp_accuracy() {
         assert_eq!(v["epochs"], 2);
         let acc = v["test_accuracy"].as_f64().expect("accuracy");
         eprintln!("test accuracy after 2 epochs on {workers} workers: {acc}");
-        assert!(acc >= floor, "{workers} workers: test accuracy {acc} < {floor}");
+        assert!(
+            acc >= floor,
+            "{workers} workers: test accuracy {acc} < {floor}"
+        );
     }
 }

@@ -20,7 +20,7 @@ use tracing::{error, info, warn};
 
 use crate::config::WorkerConfig;
 use crate::ring::{grpc, tcp, RingEndpoints, TransportKind};
-use crate::trainer::{self, Assignment, TrainerContext};
+use crate::trainer::{self, AbortSlot, Assignment, StateSlot, TrainerContext};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -49,16 +49,25 @@ pub struct Ready {
 struct Running {
     key: (String, u64),
     cancel: Arc<AtomicBool>,
+    abort: AbortSlot,
     thread: std::thread::JoinHandle<()>,
 }
 
 impl Running {
-    fn stop(self) {
+    /// Leaves the generation: the trainer stops at its next check, and a
+    /// blocked all-reduce is broken now rather than at its timeout. Returns
+    /// the thread, which the next trainer joins before taking the state.
+    fn stop(self) -> std::thread::JoinHandle<()> {
         self.cancel.store(true, Ordering::SeqCst);
-        // The trainer notices within a step or a ring timeout; don't block the runtime on it.
-        std::thread::spawn(move || {
-            let _ = self.thread.join();
-        });
+        if let Some(abort) = self
+            .abort
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            abort.abort();
+        }
+        self.thread
     }
 }
 
@@ -188,7 +197,10 @@ pub async fn run(
     });
 
     let progress = Arc::new(AtomicU64::new(0));
+    let state: StateSlot = Arc::default();
     let mut current: Option<Running> = None;
+    // The last trainer that was told to stop; the next one joins it first.
+    let mut previous: Option<std::thread::JoinHandle<()>> = None;
     let mut every = tokio::time::interval(Duration::from_millis(u64::from(
         reg.heartbeat_interval_ms.max(20),
     )));
@@ -214,10 +226,11 @@ pub async fn run(
             }
         };
         if resp.unknown_worker {
-            // The coordinator forgot us or declared us lost: drop what we do
-            // and come back as a new member.
+            // The coordinator restarted or declared us lost: leave the ring
+            // and come back as a new member, keeping the training state (a
+            // restarted coordinator resumes jobs from what workers hold).
             if let Some(r) = current.take() {
-                r.stop();
+                previous = Some(r.stop());
             }
             match client.register_worker(register.clone()).await {
                 Ok(r) => {
@@ -240,8 +253,8 @@ pub async fn run(
             continue;
         }
         if let Some(r) = current.take() {
-            info!(job = %r.key.0, "leaving job");
-            r.stop();
+            info!(job = %r.key.0, generation = r.key.1, "leaving ring generation");
+            previous = Some(r.stop());
         }
         let Some((key, a)) = desired else { continue };
         let assignment = match to_assignment(a) {
@@ -253,6 +266,7 @@ pub async fn run(
         };
         info!(job = %assignment.job, generation = %assignment.generation, rank = %assignment.rank, world = assignment.members.len(), "joining ring");
         let cancel = Arc::new(AtomicBool::new(false));
+        let abort: AbortSlot = Arc::default();
         let ctx = TrainerContext {
             worker_id: worker_id.clone(),
             assignment,
@@ -260,15 +274,25 @@ pub async fn run(
             runtime: tokio::runtime::Handle::current(),
             endpoints: endpoints.clone(),
             cancel: cancel.clone(),
+            abort: abort.clone(),
+            state: state.clone(),
             metrics: metrics.clone(),
             progress: progress.clone(),
         };
+        let before = previous.take();
         let thread = std::thread::Builder::new()
             .name("trainer".into())
-            .spawn(move || trainer::run_and_report(ctx))?;
+            .spawn(move || {
+                // The state is back in its slot once the previous trainer ends.
+                if let Some(t) = before {
+                    let _ = t.join();
+                }
+                trainer::run_and_report(ctx)
+            })?;
         current = Some(Running {
             key,
             cancel,
+            abort,
             thread,
         });
     }
@@ -276,6 +300,7 @@ pub async fn run(
     if let Some(r) = current.take() {
         r.stop();
     }
+    drop(previous);
     let _ = stop_tx.send(true);
     let _ = server.await;
     Ok(())

@@ -2,14 +2,23 @@
 //! blocking: libtorch and the ring). It talks to the coordinator through the
 //! runtime handle.
 //!
+//! A worker's training state ([`JobState`]: parameters, momentum, version,
+//! shard cursor, model and data) outlives ring generations: when a ring
+//! breaks or grows, the trainer leaves the generation, the state waits in the
+//! worker's [`StateSlot`], and the next generation's trainer picks it up.
+//! Each generation starts with a sync: members exchange (version, cursor)
+//! through the ring, agree on the newest version, and the lowest rank holding
+//! it broadcasts parameters and momentum to the others if any is behind.
+//!
 //! Each step: take this rank's slice of the step's global batch, forward and
 //! backward with the loss scaled by 1/global_batch, ring all-reduce (sum) of
 //! the flat gradient, which makes it the mean over the global batch whatever
 //! the split, SGD on the flat parameters, report (version, hash).
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ringtrain_common::data_plan::{self, ShardCursor};
@@ -25,7 +34,8 @@ use crate::checkpoint::{self, CheckpointMeta};
 use crate::data::{self, Split};
 use crate::model::Model;
 use crate::optim::Sgd;
-use crate::ring::{ReduceOp, Ring, RingEndpoints, RingOptions, RingSpec, TransportKind};
+use crate::ring::transport::LinkAbort;
+use crate::ring::{ReduceOp, Ring, RingEndpoints, RingError, RingOptions, RingSpec, TransportKind};
 
 /// What the coordinator asked this worker to do.
 #[derive(Clone, Debug)]
@@ -41,6 +51,26 @@ pub struct Assignment {
     pub checkpoint_dir: PathBuf,
 }
 
+/// A worker's training state for one job, kept between ring generations.
+pub struct JobState {
+    pub job: JobId,
+    model: Model,
+    train: Split,
+    test: Split,
+    params: Vec<f32>,
+    sgd: Sgd,
+    version: u64,
+    cursor: ShardCursor,
+    /// False until the first sync: `params` is only this worker's seeded init.
+    agreed: bool,
+}
+
+/// Where a worker's [`JobState`] waits between generations.
+pub type StateSlot = Arc<Mutex<Option<JobState>>>;
+
+/// Lets the service break the current ring when it leaves a generation.
+pub type AbortSlot = Arc<Mutex<Option<Arc<dyn LinkAbort>>>>;
+
 pub struct TrainerContext {
     pub worker_id: String,
     pub assignment: Assignment,
@@ -48,6 +78,8 @@ pub struct TrainerContext {
     pub runtime: tokio::runtime::Handle,
     pub endpoints: RingEndpoints,
     pub cancel: Arc<AtomicBool>,
+    pub abort: AbortSlot,
+    pub state: StateSlot,
     pub metrics: Metrics,
     /// Parameter version reached, for heartbeats.
     pub progress: Arc<AtomicU64>,
@@ -60,68 +92,126 @@ pub enum TrainError {
     #[error("{0}")]
     Checkpoint(#[from] checkpoint::CheckpointError),
     #[error("{0}")]
-    Ring(#[from] crate::ring::RingError),
+    Ring(#[from] RingError),
     #[error("coordinator: {0}")]
     Coordinator(String),
+    #[error("sample audit: {0}")]
+    Audit(#[from] std::io::Error),
     #[error("stopped: {0}")]
     Stopped(&'static str),
 }
 
-/// All-reduce step ids outside the training steps' range, so the broadcast
-/// and evaluation exchanges can never be confused with a gradient step.
-const BROADCAST_STEP: u64 = 1 << 62;
+/// All-reduce step ids outside the training steps' range, so the sync,
+/// broadcasts and evaluations can never be confused with a gradient step.
+const SYNC_STEP: u64 = 1 << 62;
+const BROADCAST_PARAMS: u64 = SYNC_STEP + 1;
+const BROADCAST_MOMENTUM: u64 = SYNC_STEP + 2;
 const EVAL_STEP: u64 = 1 << 63;
+/// Slots per rank in the sync exchange.
+const SYNC_SLOTS: usize = 6;
 
-/// Runs the assignment and tells the coordinator how it ended.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs one generation of the assignment and tells the coordinator how it
+/// ended: finished, failed for good, or left because the ring broke.
 pub fn run_and_report(ctx: TrainerContext) {
     let a = &ctx.assignment;
     let span = info_span!("job", id = %a.job, rank = a.rank.0, gen = a.generation.0);
     let _g = span.enter();
-    let result = run(&ctx);
-    let (version, error) = match &result {
-        Ok(v) => (*v, String::new()),
-        Err(TrainError::Stopped(why)) => {
-            info!(why, "trainer stopped");
-            return;
-        }
-        Err(e) => {
-            warn!(error = %e, "training failed");
-            (ctx.progress.load(Ordering::Relaxed), e.to_string())
-        }
+    let mut state = match lock(&ctx.state).take() {
+        Some(s) if s.job == a.job => Some(s),
+        _ => None,
     };
+    let result = run(&ctx, &mut state);
+    *lock(&ctx.abort) = None;
+    let version = state.as_ref().map(|s| s.version).unwrap_or(0);
     let mut client = ctx.client.clone();
-    let report = pb::FinishReport {
+    let finish = |error: String| pb::FinishReport {
         worker_id: ctx.worker_id.clone(),
         job_id: a.job.to_string(),
         param_version: version,
         error,
     };
-    if let Err(e) = ctx.runtime.block_on(client.report_finish(report)) {
-        warn!(error = %e.message(), "could not report the end of training");
+    match result {
+        Ok(()) => {
+            if let Err(e) = ctx
+                .runtime
+                .block_on(client.report_finish(finish(String::new())))
+            {
+                warn!(error = %e.message(), "could not report the end of training");
+            }
+        }
+        Err(TrainError::Stopped(why)) => {
+            info!(why, version, "left the ring generation");
+            *lock(&ctx.state) = state;
+        }
+        Err(TrainError::Ring(e)) if !ctx.cancel.load(Ordering::SeqCst) => {
+            warn!(error = %e, version, "ring failed; waiting for the next generation");
+            let report = pb::RingFailureReport {
+                worker_id: ctx.worker_id.clone(),
+                job_id: a.job.to_string(),
+                ring_generation: a.generation.0,
+                param_version: version,
+                error: e.to_string(),
+                suspect_rank: e.peer().map(|p| p.rank.0 as i32).unwrap_or(-1),
+            };
+            *lock(&ctx.state) = state;
+            if let Err(e) = ctx.runtime.block_on(client.report_ring_failure(report)) {
+                warn!(error = %e.message(), "could not report the ring failure");
+            }
+        }
+        Err(TrainError::Ring(_)) | Err(TrainError::Coordinator(_)) => {
+            // Aborted on purpose, or the coordinator is away: keep the state
+            // for the next assignment.
+            *lock(&ctx.state) = state;
+        }
+        Err(e) => {
+            warn!(error = %e, "training failed");
+            if let Err(e) = ctx
+                .runtime
+                .block_on(client.report_finish(finish(e.to_string())))
+            {
+                warn!(error = %e.message(), "could not report the failure");
+            }
+        }
     }
 }
 
-struct Trainer<'a> {
-    ctx: &'a TrainerContext,
-    client: WorkerControlClient<Channel>,
-    ring: Ring,
-    model: Model,
-    params: Vec<f32>,
-    grads: Vec<f32>,
-    sgd: Sgd,
-    version: u64,
-    cursor: ShardCursor,
-    test: Split,
-}
-
-fn run(ctx: &TrainerContext) -> Result<u64, TrainError> {
-    let a = &ctx.assignment;
+fn fresh_state(a: &Assignment) -> Result<JobState, TrainError> {
     let spec = &a.spec;
-    tch::set_num_threads(spec.threads as i32);
     let dir = std::path::Path::new(&spec.dataset.path);
     let train = data::load_idx_split(dir, true)?;
     let test = data::load_idx_split(dir, false)?;
+    let model = Model::new(spec.model, spec.seed as i64);
+    let mut params = vec![0f32; model.num_params()];
+    model.params_to_flat(&mut params);
+    let sgd = Sgd::new(
+        spec.optimizer.lr as f32,
+        spec.optimizer.momentum as f32,
+        spec.optimizer.weight_decay as f32,
+    );
+    Ok(JobState {
+        job: a.job,
+        model,
+        train,
+        test,
+        params,
+        sgd,
+        version: 0,
+        cursor: ShardCursor::default(),
+        agreed: false,
+    })
+}
 
+fn run(ctx: &TrainerContext, slot: &mut Option<JobState>) -> Result<(), TrainError> {
+    let a = &ctx.assignment;
+    tch::set_num_threads(a.spec.threads as i32);
+    if slot.is_none() {
+        *slot = Some(fresh_state(a)?);
+    }
+    let st = slot.as_mut().ok_or(TrainError::Stopped("no state"))?;
     let ring_spec = RingSpec {
         job: a.job,
         generation: a.generation,
@@ -129,47 +219,33 @@ fn run(ctx: &TrainerContext) -> Result<u64, TrainError> {
         members: a.members.clone(),
         options: RingOptions {
             transport: a.transport,
-            encoding: spec.ring.encoding,
-            timeout: Duration::from_secs_f64(spec.ring.timeout_s),
+            encoding: a.spec.ring.encoding,
+            timeout: Duration::from_secs_f64(a.spec.ring.timeout_s),
             ..RingOptions::default()
         },
     };
     let ring = ctx
         .runtime
         .block_on(Ring::connect(ring_spec, &ctx.endpoints))?;
-    let model = Model::new(spec.model, spec.seed as i64);
-    let n = model.num_params();
-    let mut params = vec![0f32; n];
-    model.params_to_flat(&mut params);
-    let mut sgd = Sgd::new(
-        spec.optimizer.lr as f32,
-        spec.optimizer.momentum as f32,
-        spec.optimizer.weight_decay as f32,
-    );
-    let (mut version, mut cursor) = (0, ShardCursor::default());
-    if let Some(dir) = &a.resume_from {
-        let (meta, p, m) = checkpoint::load(dir, model.layout())?;
-        params = p;
-        sgd.momentum_buf = m;
-        version = meta.param_version;
-        cursor = meta.shard_cursor;
-        info!(version, epoch = cursor.epoch, dir = %dir.display(), "resuming from checkpoint");
+    *lock(&ctx.abort) = ring.abort_handle();
+    if ctx.cancel.load(Ordering::SeqCst) {
+        return Err(TrainError::Stopped("left before the ring formed"));
     }
     let mut t = Trainer {
         ctx,
         client: ctx.client.clone(),
         ring,
-        model,
-        params,
-        grads: vec![0f32; n],
-        sgd,
-        version,
-        cursor,
-        test,
+        st,
     };
-    t.broadcast_from_rank0()?;
-    t.train(&train)?;
-    Ok(t.version)
+    t.sync()?;
+    t.train()
+}
+
+struct Trainer<'a> {
+    ctx: &'a TrainerContext,
+    client: WorkerControlClient<Channel>,
+    ring: Ring,
+    st: &'a mut JobState,
 }
 
 impl Trainer<'_> {
@@ -183,102 +259,194 @@ impl Trainer<'_> {
 
     fn stop_if_cancelled(&self) -> Result<(), TrainError> {
         if self.ctx.cancel.load(Ordering::SeqCst) {
-            return Err(TrainError::Stopped("left the job"));
+            return Err(TrainError::Stopped("the coordinator moved this worker"));
         }
         Ok(())
     }
 
-    /// Makes rank 0's parameters (and momentum) everyone's: the others
-    /// contribute zeros to a sum, which is exact.
-    fn broadcast_from_rank0(&mut self) -> Result<(), TrainError> {
-        let rank0 = self.rank() == 0;
-        if !rank0 {
-            self.params.fill(0.0);
+    /// Agrees on the state every member starts this generation from.
+    fn sync(&mut self) -> Result<(), TrainError> {
+        let (rank, world) = (self.rank(), self.world());
+        let st = &mut *self.st;
+        // Versions and positions travel as f32 pieces of 24 bits: exact.
+        let mut table = vec![0f32; SYNC_SLOTS * world];
+        let mine = &mut table[rank * SYNC_SLOTS..(rank + 1) * SYNC_SLOTS];
+        mine[0] = f32::from(u8::from(st.agreed));
+        mine[1] = (st.version >> 24) as f32;
+        mine[2] = (st.version & 0xFF_FFFF) as f32;
+        mine[3] = st.cursor.epoch as f32;
+        mine[4] = st.cursor.position as f32;
+        mine[5] = f32::from(u8::from(st.sgd.momentum_buf.is_some()));
+        self.ring.all_reduce(SYNC_STEP, &mut table, ReduceOp::Sum)?;
+        let row = |r: usize| &table[r * SYNC_SLOTS..(r + 1) * SYNC_SLOTS];
+        let version_of = |r: usize| ((row(r)[1] as u64) << 24) | row(r)[2] as u64;
+        let holders: Vec<usize> = (0..world).filter(|&r| row(r)[0] > 0.5).collect();
+        let source = match holders.iter().map(|&r| version_of(r)).max() {
+            Some(newest) => {
+                // The lowest rank holding the newest version is the source.
+                let src = holders
+                    .iter()
+                    .copied()
+                    .find(|&r| version_of(r) == newest)
+                    .unwrap_or(0);
+                let behind = (0..world).any(|r| row(r)[0] < 0.5 || version_of(r) != newest);
+                if !behind {
+                    info!(
+                        version = newest,
+                        world, "ring formed; all members hold the newest version"
+                    );
+                    return Ok(());
+                }
+                src
+            }
+            None => {
+                // Nobody has trained yet: every member starts from the same
+                // checkpoint or seeded init; rank 0's copy is made everyone's.
+                if let Some(dir) = &self.ctx.assignment.resume_from {
+                    let (meta, params, momentum) = checkpoint::load(dir, st.model.layout())?;
+                    st.params = params;
+                    st.sgd.momentum_buf = momentum;
+                    st.version = meta.param_version;
+                    st.cursor = meta.shard_cursor;
+                    info!(version = st.version, dir = %dir.display(), "starting from checkpoint");
+                }
+                0
+            }
+        };
+        let src_row = row(source).to_vec();
+        let had_momentum = if holders.is_empty() {
+            st.sgd.momentum_buf.is_some()
+        } else {
+            src_row[5] > 0.5
+        };
+        if rank != source {
+            st.params.fill(0.0);
         }
-        self.ring.all_reduce(
-            BROADCAST_STEP | self.version,
-            &mut self.params,
-            ReduceOp::Sum,
-        )?;
-        // Momentum exists on every rank or none (same spec, same checkpoint).
-        if let Some(buf) = self.sgd.momentum_buf.as_mut() {
-            if !rank0 {
+        let t0 = Instant::now();
+        // Zeros from every other rank make the sum an exact copy of the source's.
+        self.ring
+            .all_reduce(BROADCAST_PARAMS, &mut st.params, ReduceOp::Sum)?;
+        if had_momentum {
+            let n = st.params.len();
+            let buf = st.sgd.momentum_buf.get_or_insert_with(|| vec![0f32; n]);
+            if rank != source {
                 buf.fill(0.0);
             }
-            self.ring.all_reduce(
-                BROADCAST_STEP | (1 << 61) | self.version,
-                buf,
-                ReduceOp::Sum,
-            )?;
+            self.ring
+                .all_reduce(BROADCAST_MOMENTUM, buf, ReduceOp::Sum)?;
+        } else {
+            st.sgd.momentum_buf = None;
         }
-        self.model.flat_to_params(&self.params);
+        if !holders.is_empty() {
+            st.version = ((src_row[1] as u64) << 24) | src_row[2] as u64;
+            st.cursor = ShardCursor {
+                epoch: src_row[3] as u64,
+                position: src_row[4] as u64,
+            };
+        }
+        st.model.flat_to_params(&st.params);
+        st.agreed = true;
+        self.ctx.progress.store(st.version, Ordering::Relaxed);
+        info!(
+            version = st.version,
+            source_rank = source,
+            world,
+            seconds = t0.elapsed().as_secs_f64(),
+            "state synced from a peer"
+        );
         Ok(())
     }
 
-    fn train(&mut self, train: &Split) -> Result<(), TrainError> {
+    fn train(&mut self) -> Result<(), TrainError> {
         let spec = self.ctx.assignment.spec.clone();
-        let samples = train.len() as u64;
+        let samples = self.st.train.len() as u64;
         let (rank, world) = (self.rank(), self.world());
-        let global_batch = (spec.batch_size * world) as u64;
-        let total = data_plan::total_steps(spec.epochs, spec.max_steps, samples, global_batch);
+        let global_batch = spec.global_batch(world);
+        let total = data_plan::total_steps(
+            spec.epochs,
+            spec.max_steps,
+            samples,
+            spec.global_batch(spec.workers),
+        );
+        if global_batch != spec.global_batch(spec.workers) {
+            warn!(
+                global_batch,
+                world,
+                configured = spec.global_batch(spec.workers),
+                "ring size differs from the spec: the effective global batch changed"
+            );
+        }
         let mut perm_epoch = u64::MAX;
         let mut perm: Vec<u32> = Vec::new();
         let job = self.ctx.assignment.job.to_string();
         let labels = [("job", job.as_str())];
         let m = self.ctx.metrics.clone();
+        let mut grads = vec![0f32; self.st.params.len()];
+        let mut audit = self.audit_file()?;
+        // Epochs bound the job by data, max_steps by versions: with a ring that
+        // changes size, steps per epoch change, so `total` is an estimate.
+        let done = |st: &JobState| {
+            (spec.max_steps > 0 && st.version >= spec.max_steps)
+                || (spec.epochs > 0 && st.cursor.epoch >= spec.epochs)
+        };
         info!(
             total_steps = total,
             world,
             global_batch,
-            params = self.params.len(),
+            version = self.st.version,
             "training"
         );
-        while self.version < total {
+        while !done(self.st) {
             self.stop_if_cancelled()?;
-            let span = info_span!("step", version = self.version + 1);
+            let span = info_span!("step", version = self.st.version + 1);
             let _g = span.enter();
             let started = Instant::now();
-            if perm_epoch != self.cursor.epoch {
-                perm = data_plan::epoch_permutation(spec.seed, self.cursor.epoch, train.len());
-                perm_epoch = self.cursor.epoch;
+            let st = &mut *self.st;
+            if perm_epoch != st.cursor.epoch {
+                perm = data_plan::epoch_permutation(spec.seed, st.cursor.epoch, st.train.len());
+                perm_epoch = st.cursor.epoch;
             }
-            let positions = data_plan::step_positions(self.cursor, global_batch, samples);
+            let positions = data_plan::step_positions(st.cursor, global_batch, samples);
             let mine = data_plan::rank_slice(&positions, rank, world);
             let indices: Vec<i64> = mine.clone().map(|p| i64::from(perm[p as usize])).collect();
 
-            let t_data = Instant::now();
-            let (x, y) = data::batch(train, &indices);
-            let data_s = t_data.elapsed().as_secs_f64();
-
+            let (x, y) = info_span!("data").in_scope(|| data::batch(&st.train, &indices));
             let t_fb = Instant::now();
-            self.model.zero_grads();
-            let scale = 1.0 / (positions.end - positions.start) as f64;
-            let loss = self.model.loss_and_backward(&x, &y, scale);
-            self.model.grads_to_flat(&mut self.grads);
+            let loss = info_span!("forward_backward").in_scope(|| {
+                let scale = 1.0 / (positions.end - positions.start) as f64;
+                let loss = st.model.loss_and_backward(&x, &y, scale);
+                st.model.grads_to_flat(&mut grads);
+                loss
+            });
             let fb_s = t_fb.elapsed().as_secs_f64();
 
             let t_ar = Instant::now();
-            self.ring
-                .all_reduce(self.version, &mut self.grads, ReduceOp::Sum)?;
+            info_span!("allreduce")
+                .in_scope(|| self.ring.all_reduce(st.version, &mut grads, ReduceOp::Sum))?;
             let ar_s = t_ar.elapsed().as_secs_f64();
 
-            let t_opt = Instant::now();
-            self.sgd.step(&mut self.params, &self.grads);
-            self.model.flat_to_params(&self.params);
-            self.version += 1;
-            self.cursor = data_plan::advance(self.cursor, &positions, samples);
-            let hash = checkpoint::param_hash(&self.params);
-            let opt_s = t_opt.elapsed().as_secs_f64();
+            let hash = info_span!("optimizer").in_scope(|| {
+                st.sgd.step(&mut st.params, &grads);
+                st.model.flat_to_params(&st.params);
+                checkpoint::param_hash(&st.params)
+            });
+            st.version += 1;
+            let epoch_of_step = st.cursor.epoch;
+            st.cursor = data_plan::advance(st.cursor, &positions, samples);
             let step_s = started.elapsed().as_secs_f64();
-            self.ctx.progress.store(self.version, Ordering::Relaxed);
+            self.ctx.progress.store(st.version, Ordering::Relaxed);
             tracing::debug!(
-                data_s,
                 forward_backward_s = fb_s,
                 allreduce_s = ar_s,
-                optimizer_s = opt_s,
                 loss,
                 "step done"
             );
+            if let Some(f) = audit.as_mut() {
+                let ids: Vec<u32> = positions.clone().map(|p| perm[p as usize]).collect();
+                let line =
+                    serde_json::json!({"version": st.version, "epoch": epoch_of_step, "ids": ids});
+                writeln!(f, "{line}")?;
+            }
 
             m.inc(
                 "ringtrain_worker_steps_total",
@@ -302,7 +470,7 @@ impl Trainer<'_> {
                 "ringtrain_allreduce_bytes_total",
                 "Gradient bytes all-reduced.",
                 &labels,
-                (self.grads.len() * 4) as f64,
+                (grads.len() * 4) as f64,
             );
             m.inc(
                 "ringtrain_forward_backward_seconds_total",
@@ -320,7 +488,7 @@ impl Trainer<'_> {
                 "ringtrain_worker_param_version",
                 "Parameter version held.",
                 &labels,
-                self.version as f64,
+                st.version as f64,
             );
             m.set(
                 "ringtrain_ring_generation",
@@ -341,16 +509,17 @@ impl Trainer<'_> {
                 worker_id: self.ctx.worker_id.clone(),
                 job_id: job.clone(),
                 ring_generation: self.ctx.assignment.generation.0,
-                param_version: self.version,
+                param_version: st.version,
                 param_hash: hash,
                 loss,
                 samples: indices.len() as u64,
                 step_seconds: step_s,
                 allreduce_seconds: ar_s,
-                epoch: self.cursor.epoch,
+                epoch: st.cursor.epoch,
                 rank: rank as u32,
                 total_steps: total,
             };
+            let version = st.version;
             let reply = self
                 .ctx
                 .runtime
@@ -359,18 +528,15 @@ impl Trainer<'_> {
                 .into_inner();
             if !reply.continue_job {
                 return Err(TrainError::Stopped(
-                    "the coordinator ended this job or ring",
+                    "the coordinator ended this ring generation",
                 ));
             }
-            let last = self.version == total;
-            if spec.eval_every_steps > 0
-                && self.version.is_multiple_of(spec.eval_every_steps)
-                && !last
-            {
+            let last = done(self.st);
+            if spec.eval_every_steps > 0 && version.is_multiple_of(spec.eval_every_steps) && !last {
                 self.evaluate()?;
             }
             if spec.checkpoint.every_steps > 0
-                && self.version.is_multiple_of(spec.checkpoint.every_steps)
+                && version.is_multiple_of(spec.checkpoint.every_steps)
                 && !last
             {
                 self.checkpoint()?;
@@ -381,22 +547,42 @@ impl Trainer<'_> {
         Ok(())
     }
 
+    /// With `audit_samples`, the file this worker appends its steps' sample ids to.
+    fn audit_file(&self) -> Result<Option<std::fs::File>, TrainError> {
+        let a = &self.ctx.assignment;
+        if !a.spec.audit_samples {
+            return Ok(None);
+        }
+        let dir = a
+            .checkpoint_dir
+            .parent()
+            .map(|p| p.join("samples"))
+            .unwrap_or_else(|| PathBuf::from("samples"));
+        std::fs::create_dir_all(&dir)?;
+        let name = format!("{}-{}.jsonl", std::process::id(), self.ctx.worker_id);
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(name))?;
+        Ok(Some(f))
+    }
+
     /// Each rank scores its slice of the test set; a sum all-reduce of
     /// (correct, loss sum, count) gives every rank the totals.
     fn evaluate(&mut self) -> Result<(), TrainError> {
-        let n = self.test.len() as u64;
+        let n = self.st.test.len() as u64;
         let mine = data_plan::rank_slice(&(0..n), self.rank(), self.world());
         let indices: Vec<i64> = mine.map(|i| i as i64).collect();
-        let (x, y) = data::batch(&self.test, &indices);
-        let (correct, loss_sum) = self.model.evaluate(&x, &y);
+        let (x, y) = data::batch(&self.st.test, &indices);
+        let (correct, loss_sum) = self.st.model.evaluate(&x, &y);
         let mut totals = [correct as f32, loss_sum as f32, indices.len() as f32];
         self.ring
-            .all_reduce(EVAL_STEP | self.version, &mut totals, ReduceOp::Sum)?;
+            .all_reduce(EVAL_STEP | self.st.version, &mut totals, ReduceOp::Sum)?;
         let count = f64::from(totals[2]).max(1.0);
         let (accuracy, loss) = (f64::from(totals[0]) / count, f64::from(totals[1]) / count);
         if self.rank() == 0 {
             info!(
-                version = self.version,
+                version = self.st.version,
                 test_accuracy = accuracy,
                 test_loss = loss,
                 "evaluation"
@@ -404,7 +590,7 @@ impl Trainer<'_> {
             let report = pb::EvalReport {
                 worker_id: self.ctx.worker_id.clone(),
                 job_id: self.ctx.assignment.job.to_string(),
-                param_version: self.version,
+                param_version: self.st.version,
                 test_accuracy: accuracy,
                 test_loss: loss,
                 samples: count as u64,
@@ -423,27 +609,28 @@ impl Trainer<'_> {
             return Ok(());
         }
         let a = &self.ctx.assignment;
+        let st = &*self.st;
         let meta = CheckpointMeta {
             job_id: a.job.to_string(),
-            param_version: self.version,
-            epoch: self.cursor.epoch,
-            shard_cursor: self.cursor,
+            param_version: st.version,
+            epoch: st.cursor.epoch,
+            shard_cursor: st.cursor,
             model: a.spec.model.to_string(),
-            num_params: self.params.len(),
-            param_hash: checkpoint::param_hash(&self.params),
+            num_params: st.params.len(),
+            param_hash: checkpoint::param_hash(&st.params),
         };
         let dir = checkpoint::save(
             &a.checkpoint_dir,
             &meta,
-            self.model.layout(),
-            &self.params,
-            self.sgd.momentum_buf.as_deref(),
+            st.model.layout(),
+            &st.params,
+            st.sgd.momentum_buf.as_deref(),
         )?;
-        info!(version = self.version, dir = %dir.display(), "checkpoint saved");
+        info!(version = st.version, dir = %dir.display(), "checkpoint saved");
         let report = pb::CheckpointReport {
             worker_id: self.ctx.worker_id.clone(),
             job_id: a.job.to_string(),
-            param_version: self.version,
+            param_version: st.version,
             dir: dir.to_string_lossy().into_owned(),
         };
         self.ctx

@@ -142,6 +142,7 @@ pub fn state_name(state: i32) -> &'static str {
     match pb::JobState::try_from(state).unwrap_or(pb::JobState::Unspecified) {
         pb::JobState::Pending => "pending",
         pb::JobState::Running => "running",
+        pb::JobState::Waiting => "waiting",
         pb::JobState::Succeeded => "succeeded",
         pb::JobState::Failed => "failed",
         pb::JobState::Cancelled => "cancelled",
@@ -164,6 +165,8 @@ pub fn result_json(s: &pb::JobStatus) -> serde_json::Value {
         "steps": s.step,
         "epochs": s.epoch,
         "workers": s.workers_wanted,
+        "ring_workers": s.workers,
+        "ring_generation": s.ring_generation,
         "test_accuracy": opt(s.has_eval, s.test_accuracy),
         "test_loss": opt(s.has_eval, s.test_loss),
         "checkpoint_dir": s.checkpoint_dir,

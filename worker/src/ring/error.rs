@@ -37,6 +37,17 @@ pub enum RingError {
 }
 
 impl RingError {
+    /// The neighbour this error names, if any.
+    pub fn peer(&self) -> Option<&Peer> {
+        match self {
+            RingError::Timeout { peer, .. }
+            | RingError::Disconnected { peer, .. }
+            | RingError::Io { peer, .. }
+            | RingError::Refused { peer, .. } => Some(peer),
+            _ => None,
+        }
+    }
+
     /// Maps an I/O error on a link to the neighbour and what we were doing.
     pub fn io(
         peer: &Peer,

@@ -189,6 +189,12 @@ impl Ring {
         &self.spec
     }
 
+    /// A handle that breaks this ring's links from another thread (a member
+    /// leaving a generation must not wait out a dead neighbour's timeout).
+    pub fn abort_handle(&self) -> Option<std::sync::Arc<dyn transport::LinkAbort>> {
+        self.links.as_ref().map(|l| l.abort.clone())
+    }
+
     /// Blocking: call it from a dedicated thread or `spawn_blocking`, never
     /// from an async task.
     pub fn all_reduce(
