@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 
 pub struct LocalCluster {
+    run_dir: PathBuf,
     pub logs: PathBuf,
+    workers_started: usize,
     pub coordinator_url: String,
     children: Vec<(String, Child)>,
 }
@@ -41,20 +43,20 @@ fn die_with_parent(cmd: &mut Command) {
 fn die_with_parent(_cmd: &mut Command) {}
 
 impl LocalCluster {
-    pub fn start(
-        run_dir: &Path,
-        workers: usize,
-        extra_env: &[(&str, &str)],
-    ) -> anyhow::Result<Self> {
+    pub fn start(run_dir: &Path, workers: usize) -> anyhow::Result<Self> {
         let logs = run_dir.join("logs");
         std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
         let mut cluster = LocalCluster {
-            logs: logs.clone(),
+            run_dir: run_dir.to_path_buf(),
+            logs,
             coordinator_url: String::new(),
             children: Vec::new(),
+            workers_started: 0,
         };
         let ready = run_dir.join("coordinator.ready");
         let _ = std::fs::remove_file(&ready);
+        let data_dir = run_dir.to_string_lossy().into_owned();
+        let ready_arg = ready.to_string_lossy().into_owned();
         cluster.spawn(
             "coordinator",
             &[
@@ -64,43 +66,20 @@ impl LocalCluster {
                 "--metrics-listen",
                 "127.0.0.1:0",
                 "--data-dir",
-                &run_dir.to_string_lossy(),
+                &data_dir,
                 "--ready-file",
-                &ready.to_string_lossy(),
+                &ready_arg,
             ],
-            extra_env,
         )?;
         let info = cluster.wait_ready("coordinator", &ready)?;
         let grpc = info["grpc"]
             .as_str()
             .ok_or_else(|| anyhow!("coordinator ready file lacks its address"))?;
         cluster.coordinator_url = format!("http://{grpc}");
-        let url = cluster.coordinator_url.clone();
+        // Start them all, then wait: workers boot in parallel.
         let mut readies = Vec::new();
-        for i in 0..workers {
-            let name = format!("worker-{i}");
-            let ready = run_dir.join(format!("{name}.ready"));
-            let _ = std::fs::remove_file(&ready);
-            cluster.spawn(
-                &name,
-                &[
-                    "worker",
-                    "--coordinator",
-                    &url,
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--ring-listen",
-                    "127.0.0.1:0",
-                    "--metrics-listen",
-                    "127.0.0.1:0",
-                    "--advertise-host",
-                    "127.0.0.1",
-                    "--ready-file",
-                    &ready.to_string_lossy(),
-                ],
-                extra_env,
-            )?;
-            readies.push((name, ready));
+        for _ in 0..workers {
+            readies.push(cluster.spawn_worker()?);
         }
         for (name, ready) in readies {
             cluster.wait_ready(&name, &ready)?;
@@ -108,7 +87,54 @@ impl LocalCluster {
         Ok(cluster)
     }
 
-    fn spawn(&mut self, name: &str, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<()> {
+    fn spawn_worker(&mut self) -> anyhow::Result<(String, PathBuf)> {
+        let name = format!("worker-{}", self.workers_started);
+        self.workers_started += 1;
+        let ready = self.run_dir.join(format!("{name}.ready"));
+        let _ = std::fs::remove_file(&ready);
+        let url = self.coordinator_url.clone();
+        let ready_arg = ready.to_string_lossy().into_owned();
+        self.spawn(
+            &name,
+            &[
+                "worker",
+                "--coordinator",
+                &url,
+                "--listen",
+                "127.0.0.1:0",
+                "--ring-listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--advertise-host",
+                "127.0.0.1",
+                "--ready-file",
+                &ready_arg,
+            ],
+        )?;
+        Ok((name, ready))
+    }
+
+    /// Starts one more worker and waits until it has registered.
+    pub fn add_worker(&mut self) -> anyhow::Result<String> {
+        let (name, ready) = self.spawn_worker()?;
+        self.wait_ready(&name, &ready)?;
+        Ok(name)
+    }
+
+    /// kill -9 of one child.
+    pub fn kill(&mut self, name: &str) -> anyhow::Result<()> {
+        let (_, child) = self
+            .children
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .ok_or_else(|| anyhow!("no process {name}"))?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
+    fn spawn(&mut self, name: &str, args: &[&str]) -> anyhow::Result<()> {
         let exe = std::env::current_exe().context("locating the ringtrain binary")?;
         let log_path = self.logs.join(format!("{name}.log"));
         let log =
@@ -117,8 +143,7 @@ impl LocalCluster {
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
-            .stderr(log)
-            .envs(env.iter().copied());
+            .stderr(log);
         die_with_parent(&mut cmd);
         let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
         self.children.push((name.to_string(), child));

@@ -2,6 +2,7 @@
 //! same shape as the reference benchmarks in `shared/bench/peers/`.
 
 mod allreduce;
+mod recovery;
 mod train;
 
 use clap::Subcommand;
@@ -15,15 +16,21 @@ pub enum BenchCommand {
     AllreduceRank(allreduce::RankArgs),
     /// Data-parallel training throughput, as shared/bench/peers/ddp_train.py measures it.
     Train(train::TrainArgs),
+    /// Time from a worker's death, and from a new worker's start, to the next completed step.
+    Recovery(recovery::RecoveryArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Allreduce(args) => allreduce::run(args),
         BenchCommand::AllreduceRank(args) => allreduce::run_rank(args),
-        BenchCommand::Train(args) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
-            .block_on(train::run(args)),
+        BenchCommand::Train(args) => runtime()?.block_on(train::run(args)),
+        BenchCommand::Recovery(args) => runtime()?.block_on(recovery::run(args)),
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }

@@ -56,7 +56,7 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<()> {
     );
     let spec = JobSpec::parse(&text, &args.overrides)?;
     let dir = tempfile::tempdir()?;
-    let cluster = tokio::task::block_in_place(|| LocalCluster::start(dir.path(), args.world, &[]))?;
+    let cluster = tokio::task::block_in_place(|| LocalCluster::start(dir.path(), args.world))?;
     let mut c = client::connect(&cluster.coordinator_url).await?;
     let job = client::submit_spec(&mut c, &spec, None).await?;
     let mut stream = c

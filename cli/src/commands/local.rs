@@ -73,7 +73,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         spec.workers,
         run_dir.join("logs").display()
     );
-    let cluster = tokio::task::block_in_place(|| LocalCluster::start(&run_dir, spec.workers, &[]))?;
+    let cluster = tokio::task::block_in_place(|| LocalCluster::start(&run_dir, spec.workers))?;
     let mut client = client::connect(&cluster.coordinator_url).await?;
     let job = client::submit_spec(&mut client, &spec, args.resume.as_deref()).await?;
     eprintln!(
