@@ -87,6 +87,8 @@ pub struct Cluster {
     procs: Vec<Proc>,
     pub coordinator: String,
     workers_started: usize,
+    /// Address workers advertise to ring neighbours.
+    advertise: String,
 }
 
 fn tail(path: &Path, n: usize) -> String {
@@ -96,60 +98,90 @@ fn tail(path: &Path, n: usize) -> String {
 }
 
 impl Cluster {
-    /// A coordinator and `workers` workers, all ready.
+    /// A coordinator and `workers` workers, all ready, on loopback.
     pub fn start(workers: usize) -> Cluster {
+        Self::start_on(workers, "127.0.0.1", "127.0.0.1")
+    }
+
+    /// Like [`Cluster::start`], but every process listens on `listen_ip` and
+    /// workers advertise `advertise` (e.g. a veth address that a network
+    /// namespace can reach).
+    pub fn start_on(workers: usize, listen_ip: &str, advertise: &str) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut c = Cluster {
             dir,
             procs: Vec::new(),
             coordinator: String::new(),
             workers_started: 0,
+            advertise: advertise.to_string(),
         };
+        let listen = format!("{listen_ip}:0");
         let data = c.dir.path().join("data").to_string_lossy().into_owned();
         let ready = c.spawn(
             "coordinator",
             &[
                 "coordinator",
                 "--listen",
-                "127.0.0.1:0",
+                &listen,
                 "--metrics-listen",
                 "127.0.0.1:0",
                 "--data-dir",
                 &data,
             ],
         );
-        c.coordinator = format!("http://{}", ready["grpc"].as_str().expect("grpc addr"));
+        let port = ready["grpc"]
+            .as_str()
+            .and_then(|a| a.rsplit(':').next())
+            .expect("grpc addr")
+            .to_string();
+        c.coordinator = format!("http://127.0.0.1:{port}");
         for _ in 0..workers {
-            c.start_worker();
+            let url = c.coordinator.clone();
+            let advertise = c.advertise.clone();
+            c.start_worker_with(&[], &url, &format!("{listen_ip}:0"), &advertise);
         }
         c
     }
 
     /// Starts one more worker; returns its name.
     pub fn start_worker(&mut self) -> String {
+        let (url, advertise) = (self.coordinator.clone(), self.advertise.clone());
+        self.start_worker_with(&[], &url, "127.0.0.1:0", &advertise)
+    }
+
+    /// Starts a worker through `wrapper` (e.g. `ip netns exec NS`), reaching
+    /// the coordinator at `coordinator` and advertising `advertise`.
+    pub fn start_worker_with(
+        &mut self,
+        wrapper: &[&str],
+        coordinator: &str,
+        listen: &str,
+        advertise: &str,
+    ) -> String {
         let name = format!("worker-{}", self.workers_started);
         self.workers_started += 1;
-        let url = self.coordinator.clone();
-        self.spawn(
-            &name,
-            &[
-                "worker",
-                "--coordinator",
-                &url,
-                "--listen",
-                "127.0.0.1:0",
-                "--ring-listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "127.0.0.1:0",
-                "--advertise-host",
-                "127.0.0.1",
-            ],
-        );
+        let args = [
+            "worker",
+            "--coordinator",
+            coordinator,
+            "--listen",
+            listen,
+            "--ring-listen",
+            listen,
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--advertise-host",
+            advertise,
+        ];
+        self.spawn_wrapped(&name, wrapper, &args);
         name
     }
 
     fn spawn(&mut self, name: &str, args: &[&str]) -> serde_json::Value {
+        self.spawn_wrapped(name, &[], args)
+    }
+
+    fn spawn_wrapped(&mut self, name: &str, wrapper: &[&str], args: &[&str]) -> serde_json::Value {
         let n = self
             .procs
             .iter()
@@ -158,7 +190,16 @@ impl Cluster {
         let log = self.dir.path().join(format!("{name}-{n}.log"));
         let ready = self.dir.path().join(format!("{name}.ready"));
         let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(ringtrain_bin())
+        let bin = ringtrain_bin();
+        let mut cmd = match wrapper.split_first() {
+            Some((prog, rest)) => {
+                let mut c = Command::new(prog);
+                c.args(rest).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        let child = cmd
             .args(args)
             .arg("--ready-file")
             .arg(&ready)
