@@ -89,14 +89,19 @@ pub fn decide(now: Instant, st: &State, t: Timeouts) -> Vec<Decision> {
         .filter(|w| w.alive && w.job.is_none() && !lost.contains(&w.id))
         .map(|w| w.id)
         .collect();
+    // Strict FIFO: once a pending job cannot start, idle workers are kept for
+    // it (no later job starts or grows with them), so a big job is not starved.
+    let mut head_blocked = false;
     for id in &st.queue {
         let Some(job) = st.jobs.get(id) else { continue };
         let (min, max) = (job.spec.min_workers(), job.spec.max_workers());
         match job.state {
+            JobState::Pending if head_blocked => {}
             JobState::Pending if idle.len() >= job.spec.workers => {
                 let members: Vec<WorkerId> = idle.drain(..job.spec.workers).collect();
                 out.push(Decision::Start { job: *id, members });
             }
+            JobState::Pending => head_blocked = true,
             JobState::Running | JobState::Waiting => {
                 let live: Vec<WorkerId> = job
                     .members
@@ -139,7 +144,11 @@ pub fn decide(now: Instant, st: &State, t: Timeouts) -> Vec<Decision> {
                             survivors: live,
                         });
                     }
-                } else if job.drain.is_none() && !idle.is_empty() && job.members.len() < max {
+                } else if !head_blocked
+                    && job.drain.is_none()
+                    && !idle.is_empty()
+                    && job.members.len() < max
+                {
                     let take = (max - job.members.len()).min(idle.len());
                     let joiners: Vec<WorkerId> = idle.drain(..take).collect();
                     out.push(Decision::Drain { job: *id, joiners });
