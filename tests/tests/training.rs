@@ -280,3 +280,27 @@ fn two_epochs_of_the_cnn_reach_ddp_accuracy() {
         );
     }
 }
+
+/// The gRPC transport and bf16 gradients carry a whole job; control values
+/// (versions, evaluation counts, parameter broadcasts) still travel exact.
+#[test]
+fn training_over_grpc_with_bf16_gradients() {
+    if skip_without_data() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let v = local(
+        &mlp_spec(),
+        2,
+        dir.path(),
+        &["max_steps=40", "ring.transport=grpc", "ring.encoding=bf16"],
+    );
+    assert_eq!(v["steps"], 40);
+    let acc = v["test_accuracy"].as_f64().expect("accuracy");
+    assert!(acc > 0.5, "bf16 gradients still train: {acc}");
+    let correct = acc * 10_000.0;
+    assert!(
+        (correct - correct.round()).abs() < 1e-6,
+        "evaluation counts are exact: {acc}"
+    );
+}

@@ -277,7 +277,8 @@ impl Trainer<'_> {
         mine[3] = st.cursor.epoch as f32;
         mine[4] = st.cursor.position as f32;
         mine[5] = f32::from(u8::from(st.sgd.momentum_buf.is_some()));
-        self.ring.all_reduce(SYNC_STEP, &mut table, ReduceOp::Sum)?;
+        self.ring
+            .all_reduce_exact(SYNC_STEP, &mut table, ReduceOp::Sum)?;
         let row = |r: usize| &table[r * SYNC_SLOTS..(r + 1) * SYNC_SLOTS];
         let version_of = |r: usize| ((row(r)[1] as u64) << 24) | row(r)[2] as u64;
         let holders: Vec<usize> = (0..world).filter(|&r| row(r)[0] > 0.5).collect();
@@ -325,7 +326,7 @@ impl Trainer<'_> {
         let t0 = Instant::now();
         // Zeros from every other rank make the sum an exact copy of the source's.
         self.ring
-            .all_reduce(BROADCAST_PARAMS, &mut st.params, ReduceOp::Sum)?;
+            .all_reduce_exact(BROADCAST_PARAMS, &mut st.params, ReduceOp::Sum)?;
         if had_momentum {
             let n = st.params.len();
             let buf = st.sgd.momentum_buf.get_or_insert_with(|| vec![0f32; n]);
@@ -333,7 +334,7 @@ impl Trainer<'_> {
                 buf.fill(0.0);
             }
             self.ring
-                .all_reduce(BROADCAST_MOMENTUM, buf, ReduceOp::Sum)?;
+                .all_reduce_exact(BROADCAST_MOMENTUM, buf, ReduceOp::Sum)?;
         } else {
             st.sgd.momentum_buf = None;
         }
@@ -577,7 +578,7 @@ impl Trainer<'_> {
         let (correct, loss_sum) = self.st.model.evaluate(&x, &y);
         let mut totals = [correct as f32, loss_sum as f32, indices.len() as f32];
         self.ring
-            .all_reduce(EVAL_STEP | self.st.version, &mut totals, ReduceOp::Sum)?;
+            .all_reduce_exact(EVAL_STEP | self.st.version, &mut totals, ReduceOp::Sum)?;
         let count = f64::from(totals[2]).max(1.0);
         let (accuracy, loss) = (f64::from(totals[0]) / count, f64::from(totals[1]) / count);
         if self.rank() == 0 {

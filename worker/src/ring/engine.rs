@@ -124,6 +124,7 @@ pub fn all_reduce(
     step: u64,
     data: &mut [f32],
     op: ReduceOp,
+    encoding: WireEncoding,
 ) -> Result<(), RingError> {
     let world = spec.world();
     if world <= 1 || data.is_empty() {
@@ -136,7 +137,7 @@ pub fn all_reduce(
         rank: spec.rank.index(),
         step,
         op,
-        encoding: spec.options.encoding,
+        encoding,
     };
 
     // Split the buffer into per-segment cells, in (chunk, segment) order.

@@ -203,12 +203,34 @@ impl Ring {
         data: &mut [f32],
         op: ReduceOp,
     ) -> Result<(), RingError> {
+        let encoding = self.spec.options.encoding;
+        self.all_reduce_encoded(step, data, op, encoding)
+    }
+
+    /// Always f32 on the wire: for values that must arrive exact (versions,
+    /// counts, parameter broadcasts), whatever the gradient encoding.
+    pub fn all_reduce_exact(
+        &mut self,
+        step: u64,
+        data: &mut [f32],
+        op: ReduceOp,
+    ) -> Result<(), RingError> {
+        self.all_reduce_encoded(step, data, op, WireEncoding::F32)
+    }
+
+    fn all_reduce_encoded(
+        &mut self,
+        step: u64,
+        data: &mut [f32],
+        op: ReduceOp,
+        encoding: WireEncoding,
+    ) -> Result<(), RingError> {
         if let Some(why) = &self.broken {
             return Err(RingError::Broken(why.clone()));
         }
         let result = match &mut self.links {
             None => Ok(()),
-            Some(links) => engine::all_reduce(&self.spec, links, step, data, op),
+            Some(links) => engine::all_reduce(&self.spec, links, step, data, op, encoding),
         };
         if let Err(e) = &result {
             self.broken = Some(e.to_string());
@@ -216,5 +238,6 @@ impl Ring {
         result
     }
 }
+
 #[cfg(test)]
 mod tests;
