@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: unit tests beside the code and the end-to-end tests in
-# tests/ (real ringtrain processes). Installs what is missing first.
+# tests/ (real ringtrain processes), then Prometheus against a local run and
+# the docker-compose deployment (SKIPPED where no Docker engine answers).
+# Installs what is missing first.
 # Long soak and benchmark runs are not here: see README ("Benchmarks").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,3 +13,7 @@ echo "== build" >&2
 cargo build --release --quiet
 echo "== tests" >&2
 cargo test --release --workspace
+echo "== Prometheus scraping a local run" >&2
+deploy/prometheus-local.sh
+echo "== docker-compose end to end" >&2
+deploy/e2e.sh

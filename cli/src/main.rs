@@ -9,7 +9,7 @@ mod settings;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use commands::{client, local, serve};
+use commands::{client, health, local, serve};
 use ringtrain_common::telemetry::{self, LogFormat};
 
 #[derive(Parser)]
@@ -45,6 +45,8 @@ enum Command {
     Watch(client::WatchArgs),
     /// Cancel a job.
     Cancel(client::CancelArgs),
+    /// Check a coordinator's or worker's grpc.health.v1 status (exit 0 = SERVING).
+    Health(health::HealthArgs),
     /// Run a job on a coordinator and N workers started here on loopback.
     Local(local::LocalArgs),
     /// Benchmarks of the data plane and of training.
@@ -60,7 +62,10 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let quiet = matches!(cli.command, Command::Bench(_) | Command::Local(_));
+    let quiet = matches!(
+        cli.command,
+        Command::Bench(_) | Command::Local(_) | Command::Health(_)
+    );
     telemetry::init(cli.log_format, if quiet { "warn" } else { "info" });
     let result = match cli.command {
         Command::Coordinator(a) => serve::coordinator(a),
@@ -69,6 +74,7 @@ fn main() -> ExitCode {
         Command::Status(a) => runtime().and_then(|rt| rt.block_on(client::status(a))),
         Command::Watch(a) => runtime().and_then(|rt| rt.block_on(client::watch(a))),
         Command::Cancel(a) => runtime().and_then(|rt| rt.block_on(client::cancel(a))),
+        Command::Health(a) => runtime().and_then(|rt| rt.block_on(health::run(a))),
         Command::Local(a) => runtime().and_then(|rt| rt.block_on(local::run(a))),
         Command::Bench(cmd) => bench::run(cmd),
     };

@@ -326,7 +326,21 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         .into_inner();
     if args.json {
         let jobs: Vec<_> = list.jobs.iter().map(result_json).collect();
-        println!("{}", serde_json::json!({ "jobs": jobs }));
+        let workers: Vec<_> = list
+            .workers
+            .iter()
+            .map(|w| {
+                serde_json::json!({
+                    "worker": w.worker_id, "address": w.address, "job": w.job_id,
+                    "rank": w.rank, "last_step": w.last_step, "samples_per_s": w.samples_per_s,
+                    "last_heartbeat_age_s": w.last_heartbeat_age_s, "alive": w.alive,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({ "jobs": jobs, "workers": workers })
+        );
         return Ok(());
     }
     println!(

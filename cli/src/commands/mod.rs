@@ -1,3 +1,4 @@
 pub mod client;
+pub mod health;
 pub mod local;
 pub mod serve;
