@@ -66,16 +66,25 @@ pub fn total_steps(epochs: u64, max_steps: u64, samples: u64, global_batch: u64)
     }
 }
 
-/// SplitMix64: tiny, seedable, the same on every machine.
-struct SplitMix64(u64);
+/// SplitMix64: tiny, seedable, the same on every machine. Used for data
+/// order and parameter init, which must not depend on libtorch's global
+/// generator (any thread may draw from it).
+#[derive(Clone, Debug)]
+pub struct SplitMix64(pub u64);
 
 impl SplitMix64 {
-    fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
+    }
+
+    /// Uniform in [-bound, bound).
+    pub fn symmetric(&mut self, bound: f32) -> f32 {
+        let unit = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+        bound * (2.0 * unit - 1.0)
     }
 }
 
@@ -84,7 +93,7 @@ pub fn epoch_permutation(seed: u64, epoch: u64, samples: usize) -> Vec<u32> {
     let mut rng = SplitMix64(seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03));
     let mut perm: Vec<u32> = (0..samples as u32).collect();
     for i in (1..samples).rev() {
-        let j = (rng.next() % (i as u64 + 1)) as usize;
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
         perm.swap(i, j);
     }
     perm

@@ -3,6 +3,7 @@
 //! their parameters and gradients exchanged as one flat f32 vector (what the
 //! ring all-reduce, the optimizer and checkpoints work on).
 
+use ringtrain_common::data_plan::SplitMix64;
 use ringtrain_common::jobspec::ModelKind;
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Reduction, Tensor};
@@ -126,25 +127,6 @@ fn conv5x5(p: nn::Path, i: i64, o: i64) -> nn::Conv2D {
             ..Default::default()
         },
     )
-}
-
-/// SplitMix64: tiny, seedable, the same on every machine.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [-bound, bound).
-    fn symmetric(&mut self, bound: f32) -> f32 {
-        let unit = (self.next() >> 40) as f32 / (1u64 << 24) as f32;
-        bound * (2.0 * unit - 1.0)
-    }
 }
 
 /// PyTorch's default init for Linear and Conv2d (kaiming_uniform with a=sqrt(5)

@@ -79,6 +79,8 @@ async fn connect(url: &str, timeout: Duration) -> Result<Channel, WorkerError> {
     let endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| unreachable(format!("bad URL ({e})")))?
         .connect_timeout(Duration::from_secs(2))
+        // A coordinator that hangs must not hang heartbeats or the trainer.
+        .timeout(Duration::from_secs(10))
         .tcp_nodelay(true);
     let deadline = tokio::time::Instant::now() + timeout;
     let mut backoff = Duration::from_millis(50);

@@ -59,13 +59,7 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<()> {
     let cluster = tokio::task::block_in_place(|| LocalCluster::start(dir.path(), args.world))?;
     let mut c = client::connect(&cluster.coordinator_url).await?;
     let job = client::submit_spec(&mut c, &spec, None).await?;
-    let mut stream = c
-        .watch_job(pb::WatchJobRequest {
-            job_id: job.clone(),
-        })
-        .await
-        .map_err(|e| anyhow!("{}", e.message()))?
-        .into_inner();
+    let mut stream = client::events(&mut c, &job).await?;
     let mut seen: Vec<(u64, Instant)> = Vec::new();
     let mut last = None;
     while let Some(ev) = stream

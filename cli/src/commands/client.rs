@@ -225,6 +225,18 @@ fn progress_line(s: &pb::JobStatus) -> String {
     )
 }
 
+/// Opens the stream of a job's events (a snapshot first).
+pub async fn events(
+    client: &mut CoordinatorClient<Channel>,
+    job: &str,
+) -> anyhow::Result<tonic::Streaming<pb::JobEvent>> {
+    Ok(client
+        .watch_job(pb::WatchJobRequest { job_id: job.into() })
+        .await
+        .map_err(status_error)?
+        .into_inner())
+}
+
 /// Streams a job's events to the end, drawing a progress bar on stderr.
 /// Returns the final status.
 pub async fn watch_job(
@@ -232,11 +244,7 @@ pub async fn watch_job(
     job: &str,
     show: bool,
 ) -> anyhow::Result<pb::JobStatus> {
-    let mut stream = client
-        .watch_job(pb::WatchJobRequest { job_id: job.into() })
-        .await
-        .map_err(status_error)?
-        .into_inner();
+    let mut stream = events(client, job).await?;
     let tty = std::io::stderr().is_terminal();
     let mut last: Option<pb::JobStatus> = None;
     let mut last_printed_step = 0;
