@@ -380,6 +380,29 @@ momentum = 0.9
     }
 
     #[test]
+    fn the_global_batch_follows_the_ring_unless_kept() {
+        let spec = JobSpec::parse(EXAMPLE, &[]).unwrap();
+        assert_eq!((spec.global_batch(4), spec.global_batch(3)), (256, 192));
+        let kept = JobSpec::parse(EXAMPLE, &["keep_global_batch=true".into()]).unwrap();
+        assert_eq!((kept.global_batch(4), kept.global_batch(3)), (256, 256));
+        assert_eq!((kept.min_workers(), kept.max_workers()), (1, 4));
+        let err = JobSpec::parse(EXAMPLE, &["min_workers=5".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("min_workers (5) must not exceed workers (4)"),
+            "{err}"
+        );
+        let err = JobSpec::parse(EXAMPLE, &["max_workers=2".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("max_workers (2) must be at least workers (4)"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_name_the_key() {
         let err = JobSpec::parse(EXAMPLE, &["bacth_size=3".into()])
             .unwrap_err()
