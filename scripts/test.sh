@@ -12,7 +12,9 @@ ensure_dataset
 echo "== build" >&2
 cargo build --release --quiet
 echo "== tests" >&2
-cargo test --release --workspace
+# Two test threads: the end-to-end tests start whole clusters, and more at
+# once on 2 cores only adds scheduling noise to their deadlines.
+cargo test --release --workspace -- --test-threads=2
 echo "== Prometheus scraping a local run" >&2
 deploy/prometheus-local.sh
 echo "== docker-compose end to end" >&2
