@@ -261,20 +261,24 @@ fn recv_loop(
             let expected = plan.header(t, chunk, &range, left);
             let cell = &segments[chunk * s + j];
             let received = if reduce {
-                // Receive into scratch, then sum into our values.
-                let r = if half {
-                    receiver.recv(&expected, bytemuck::cast_slice_mut(&mut wire[..n]))
-                } else {
-                    receiver.recv(&expected, bytemuck::cast_slice_mut(&mut incoming[..n]))
-                };
+                // Sum each piece into our values as it arrives, while it is in cache.
+                let mut mine = lock(cell);
+                let mut at = 0;
+                let r = receiver.recv_pieces(&expected, &mut |bytes| {
+                    let k = if half {
+                        let words: &[u16] = bytemuck::cast_slice(bytes);
+                        let k = words.len();
+                        plan.encoding.decode_half(words, &mut incoming[..k]);
+                        add(&mut mine[at..at + k], &incoming[..k]);
+                        k
+                    } else {
+                        let values: &[f32] = bytemuck::cast_slice(bytes);
+                        add(&mut mine[at..at + values.len()], values);
+                        values.len()
+                    };
+                    at += k;
+                });
                 r.map(|()| {
-                    if half {
-                        plan.encoding.decode_half(&wire[..n], &mut incoming[..n]);
-                    }
-                    let mut mine = lock(cell);
-                    for (m, x) in mine.iter_mut().zip(&incoming[..n]) {
-                        *m += *x;
-                    }
                     if t + 2 == world {
                         // This chunk is now fully reduced and ours to broadcast.
                         finalize(&mut mine, plan.op, world, plan.encoding);
@@ -296,6 +300,12 @@ fn recv_loop(
         }
     }
     Ok(())
+}
+
+fn add(into: &mut [f32], values: &[f32]) {
+    for (m, x) in into.iter_mut().zip(values) {
+        *m += *x;
+    }
 }
 
 /// Applies the mean and rounds to the wire precision, so the owner keeps

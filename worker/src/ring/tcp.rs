@@ -4,7 +4,7 @@
 //! Setup is async (accepting and handshaking under a deadline); the data path
 //! runs on the engine's blocking threads with socket timeouts as deadlines.
 
-use std::io::{Read, Write};
+use std::io::{IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
@@ -184,6 +184,7 @@ pub async fn connect(spec: &RingSpec, inbox: &TcpInbox) -> Result<RingLinks, Rin
             stream: from_left,
             peer: left.clone(),
             timeout,
+            piece: vec![0u32; PIECE_BYTES / 4],
         }),
         left,
         right,
@@ -264,10 +265,30 @@ impl FrameSender for TcpSender {
                 header.step, header.phase, header.chunk
             )
         };
-        self.stream
-            .write_all(&header.to_bytes())
-            .and_then(|()| self.stream.write_all(payload))
-            .map_err(|e| RingError::io(&self.peer, during(), self.timeout, e))
+        // Header and payload in one writev, so the header never travels alone.
+        let head = header.to_bytes();
+        let total = head.len() + payload.len();
+        let mut sent = 0;
+        while sent < total {
+            let bufs = if sent < head.len() {
+                [IoSlice::new(&head[sent..]), IoSlice::new(payload)]
+            } else {
+                [
+                    IoSlice::new(&payload[sent - head.len()..]),
+                    IoSlice::new(&[]),
+                ]
+            };
+            match self.stream.write_vectored(&bufs) {
+                Ok(0) => {
+                    let e = std::io::Error::from(std::io::ErrorKind::WriteZero);
+                    return Err(RingError::io(&self.peer, during(), self.timeout, e));
+                }
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(RingError::io(&self.peer, during(), self.timeout, e)),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -275,16 +296,58 @@ struct TcpReceiver {
     stream: TcpStream,
     peer: Peer,
     timeout: Duration,
+    /// Small enough to stay in L1/L2 while the engine sums it.
+    piece: Vec<u32>,
+}
+
+/// Bytes per piece handed to the engine while receiving.
+const PIECE_BYTES: usize = 64 * 1024;
+
+impl TcpReceiver {
+    fn during(expected: &FrameHeader) -> String {
+        format!(
+            "receiving step {} {} chunk {}",
+            expected.step, expected.phase, expected.chunk
+        )
+    }
+
+    /// Reads and checks the header of the next frame.
+    fn header(&mut self, expected: &FrameHeader) -> Result<(), RingError> {
+        let mut raw = [0u8; FrameHeader::LEN];
+        self.stream
+            .read_exact(&mut raw)
+            .map_err(|e| RingError::io(&self.peer, Self::during(expected), self.timeout, e))?;
+        let refused = |source| RingError::Refused {
+            peer: self.peer.clone(),
+            source,
+        };
+        let got = FrameHeader::from_bytes(&raw).map_err(refused)?;
+        got.check(expected).map_err(refused)
+    }
 }
 
 impl FrameReceiver for TcpReceiver {
+    fn recv_pieces(
+        &mut self,
+        expected: &FrameHeader,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), RingError> {
+        self.header(expected)?;
+        let mut left = expected.payload_bytes();
+        while left > 0 {
+            let n = left.min(PIECE_BYTES);
+            let piece = &mut bytemuck::cast_slice_mut::<u32, u8>(&mut self.piece)[..n];
+            self.stream
+                .read_exact(piece)
+                .map_err(|e| RingError::io(&self.peer, Self::during(expected), self.timeout, e))?;
+            sink(piece);
+            left -= n;
+        }
+        Ok(())
+    }
+
     fn recv(&mut self, expected: &FrameHeader, payload: &mut [u8]) -> Result<(), RingError> {
-        let during = || {
-            format!(
-                "receiving step {} {} chunk {}",
-                expected.step, expected.phase, expected.chunk
-            )
-        };
+        let during = || Self::during(expected);
         let mut raw = [0u8; FrameHeader::LEN];
         self.stream
             .read_exact(&mut raw)

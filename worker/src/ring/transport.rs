@@ -17,6 +17,21 @@ pub trait FrameReceiver: Send {
     /// Receives the next frame, refuses it unless its header equals `expected`,
     /// and writes its payload (exactly `payload.len()` bytes) into `payload`.
     fn recv(&mut self, expected: &FrameHeader, payload: &mut [u8]) -> Result<(), RingError>;
+
+    /// Like [`FrameReceiver::recv`], but hands the payload to `sink` in
+    /// pieces (each a multiple of 4 bytes, 4-aligned, in order) as they
+    /// arrive, so the caller can sum a piece while it is still in cache.
+    fn recv_pieces(
+        &mut self,
+        expected: &FrameHeader,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), RingError> {
+        let mut buf = vec![0u32; expected.payload_bytes().div_ceil(4)];
+        let bytes = &mut bytemuck::cast_slice_mut::<u32, u8>(&mut buf)[..expected.payload_bytes()];
+        self.recv(expected, bytes)?;
+        sink(bytes);
+        Ok(())
+    }
 }
 
 /// Wakes both halves out of blocked I/O once either has failed, so a failure
