@@ -171,13 +171,29 @@ impl LocalCluster {
     }
 }
 
+#[allow(unsafe_code)]
+fn terminate(child: &Child) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        // SAFETY: kill(2) on a pid we spawned and have not reaped yet.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+    }
+}
+
 impl Drop for LocalCluster {
     fn drop(&mut self) {
-        // Workers first, so none reports to a coordinator that is gone.
+        // SIGTERM first, so the coordinator finishes its job reports; SIGKILL
+        // whatever is still there after a grace period.
         for (_, child) in self.children.iter_mut().rev() {
-            let _ = child.kill();
+            terminate(child);
         }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
         for (_, child) in self.children.iter_mut() {
+            while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.kill();
             let _ = child.wait();
         }
     }

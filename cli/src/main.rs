@@ -9,7 +9,7 @@ mod settings;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use commands::{client, health, local, serve};
+use commands::{client, health, local, plot, serve};
 use ringtrain_common::telemetry::{self, LogFormat};
 
 #[derive(Parser)]
@@ -45,6 +45,8 @@ enum Command {
     Watch(client::WatchArgs),
     /// Cancel a job.
     Cancel(client::CancelArgs),
+    /// Plot a job's train loss and test accuracy against step (PNG, optional CSV).
+    Plot(plot::PlotArgs),
     /// Check a coordinator's or worker's grpc.health.v1 status (exit 0 = SERVING).
     Health(health::HealthArgs),
     /// Run a job on a coordinator and N workers started here on loopback.
@@ -74,6 +76,7 @@ fn main() -> ExitCode {
         Command::Status(a) => runtime().and_then(|rt| rt.block_on(client::status(a))),
         Command::Watch(a) => runtime().and_then(|rt| rt.block_on(client::watch(a))),
         Command::Cancel(a) => runtime().and_then(|rt| rt.block_on(client::cancel(a))),
+        Command::Plot(a) => runtime().and_then(|rt| rt.block_on(plot::run(a))),
         Command::Health(a) => runtime().and_then(|rt| rt.block_on(health::run(a))),
         Command::Local(a) => runtime().and_then(|rt| rt.block_on(local::run(a))),
         Command::Bench(cmd) => bench::run(cmd),

@@ -9,6 +9,7 @@
 //! - [`server`]: wiring: listeners, periodic ticks, shutdown.
 
 pub mod config;
+pub mod report;
 pub mod scheduler;
 pub mod server;
 pub mod service;

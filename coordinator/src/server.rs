@@ -47,10 +47,14 @@ pub async fn serve(
             coordinator.clone(),
         ))
         .add_service(pb::worker_control_server::WorkerControlServer::new(
-            coordinator,
+            coordinator.clone(),
         ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
     tick.abort();
+    // Reports of jobs that just ended are still being drawn.
+    tokio::task::spawn_blocking(move || coordinator.finish_reports())
+        .await
+        .ok();
     Ok(result?)
 }

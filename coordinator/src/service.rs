@@ -30,6 +30,8 @@ struct Inner {
     config: CoordinatorConfig,
     metrics: Metrics,
     store: Store,
+    /// Report writers still running; joined before the process exits.
+    reports: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 fn parse_job(id: &str) -> Result<JobId, Status> {
@@ -82,6 +84,7 @@ impl Coordinator {
                 config,
                 metrics,
                 store,
+                reports: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -245,6 +248,7 @@ impl Coordinator {
             job.error.clone()
         };
         job.emit("state", msg);
+        self.write_report_later(job);
         for w in members {
             if let Some(w) = st.workers.get_mut(&w) {
                 if w.job == Some(id) {
@@ -253,6 +257,36 @@ impl Coordinator {
             }
         }
         self.persist(st, id, true);
+    }
+
+    /// Writes the job's metrics.csv and metrics.png next to its checkpoints, off
+    /// the state lock and the async runtime; a failure is logged, never fatal.
+    fn write_report_later(&self, job: &Job) {
+        if job.history.is_empty() || job.checkpoint_dir.is_empty() {
+            return;
+        }
+        let (rows, dir) = (
+            job.history.clone(),
+            std::path::PathBuf::from(&job.checkpoint_dir),
+        );
+        let title = format!("{} ({}, job {})", job.spec.name, job.spec.model, job.id);
+        let writer = std::thread::spawn(move || {
+            if let Err(e) = crate::report::write_report(&dir, &title, &rows) {
+                warn!(error = %e, "could not write the job's metrics report");
+            }
+        });
+        let mut reports = self.inner.reports.lock().unwrap_or_else(|p| p.into_inner());
+        reports.retain(|h| !h.is_finished());
+        reports.push(writer);
+    }
+
+    /// Waits for report writers still running (at shutdown).
+    pub fn finish_reports(&self) {
+        let pending =
+            std::mem::take(&mut *self.inner.reports.lock().unwrap_or_else(|p| p.into_inner()));
+        for h in pending {
+            let _ = h.join();
+        }
     }
 
     fn update_gauges(&self, st: &State) {
@@ -421,6 +455,30 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         Ok(Response::new(pb::SubmitJobResponse {
             job_id: id.to_string(),
         }))
+    }
+
+    async fn get_job_metrics(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::JobMetrics>, Status> {
+        let id = parse_job(&request.into_inner().job_id)?;
+        let st = self.lock();
+        let job = st.jobs.get(&id).ok_or_else(|| not_found(id))?;
+        let rows = job
+            .history
+            .iter()
+            .map(|r| pb::MetricRow {
+                step: r.step,
+                epoch: r.epoch,
+                loss: r.loss,
+                samples_per_s: r.samples_per_s,
+                workers: r.workers,
+                has_eval: r.eval.is_some(),
+                test_accuracy: r.eval.map(|e| e.0).unwrap_or(0.0),
+                test_loss: r.eval.map(|e| e.1).unwrap_or(0.0),
+            })
+            .collect();
+        Ok(Response::new(pb::JobMetrics { rows }))
     }
 
     async fn get_job(
@@ -678,6 +736,17 @@ impl pb::worker_control_server::WorkerControl for Coordinator {
                 job.generation.0,
             );
             info!(job = %id, step, total, epoch, workers = world, loss = format!("{loss:.4}"), samples_per_s = format!("{sps:.0}"), "step");
+            crate::report::push_step(
+                &mut job.history,
+                crate::report::MetricRow {
+                    step,
+                    epoch,
+                    loss,
+                    samples_per_s: sps,
+                    workers: world as u32,
+                    eval: None,
+                },
+            );
             job.emit("step", String::new());
             let m = &self.inner.metrics;
             let l = [("job", id.as_str())];
@@ -751,6 +820,12 @@ impl pb::worker_control_server::WorkerControl for Coordinator {
         let mut st = self.lock();
         let job = st.jobs.get_mut(&job_id).ok_or_else(|| not_found(job_id))?;
         job.eval = Some((r.test_accuracy, r.test_loss));
+        crate::report::record_eval(
+            &mut job.history,
+            r.param_version,
+            r.test_accuracy,
+            r.test_loss,
+        );
         info!(job = %job_id, version = r.param_version, test_accuracy = r.test_accuracy, test_loss = r.test_loss, "eval");
         job.emit(
             "eval",
@@ -786,6 +861,7 @@ impl pb::worker_control_server::WorkerControl for Coordinator {
         let job = st.jobs.get_mut(&job_id).ok_or_else(|| not_found(job_id))?;
         job.checkpoint_dir = r.dir.clone();
         job.checkpoint_version = Some(r.param_version);
+        self.write_report_later(job);
         info!(job = %job_id, version = r.param_version, dir = %r.dir, "checkpoint");
         job.emit(
             "checkpoint",

@@ -105,6 +105,8 @@ pub struct Job {
     /// Recovered after a coordinator restart: until then, wait for the full
     /// worker count before re-forming (workers are reconnecting).
     pub regroup_until: Option<Instant>,
+    /// The training curve (bounded; see [`crate::report::push_step`]).
+    pub history: Vec<crate::report::MetricRow>,
 }
 
 #[derive(Clone, Debug)]
@@ -150,6 +152,7 @@ impl Job {
             max_reported: 0,
             checkpoint_version: None,
             regroup_until: None,
+            history: Vec::new(),
         }
     }
 

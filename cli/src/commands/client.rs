@@ -195,6 +195,7 @@ pub fn finish(s: &pb::JobStatus, json: bool) -> anyhow::Result<()> {
         );
         if !s.checkpoint_dir.is_empty() && s.state == pb::JobState::Succeeded as i32 {
             println!("checkpoint: {}", s.checkpoint_dir);
+            println!("curve: {0}/metrics.png ({0}/metrics.csv)", s.checkpoint_dir);
         }
     }
     match pb::JobState::try_from(s.state) {

@@ -1,4 +1,5 @@
 pub mod client;
 pub mod health;
 pub mod local;
+pub mod plot;
 pub mod serve;
