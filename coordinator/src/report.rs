@@ -88,7 +88,8 @@ fn write_err(path: &Path, e: impl std::fmt::Display) -> ReportError {
 }
 
 /// Registers a system font for chart text, once. Returns false when none is
-/// installed (Debian: fonts-dejavu-core); charts are then drawn without text.
+/// installed (Debian: fonts-dejavu-core); charts are then drawn without any
+/// text or axes (plotters draws no glyph without a font) rather than not at all.
 fn font_available() -> bool {
     static FONT: OnceLock<bool> = OnceLock::new();
     *FONT.get_or_init(|| {
@@ -151,13 +152,6 @@ pub fn render_png(path: &Path, title: &str, rows: &[MetricRow]) -> Result<(), Re
         chart
             .configure_secondary_axes()
             .y_desc("test accuracy")
-            .draw()
-            .map_err(|x| e(&x))?;
-    } else {
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .disable_y_mesh()
             .draw()
             .map_err(|x| e(&x))?;
     }
