@@ -346,7 +346,6 @@ impl Coordinator {
             rank: rank as u32,
             members,
             spec_toml: job.spec_toml.clone(),
-            start_version: job.start_version,
             resume_from: job.resume_source(),
             checkpoint_dir: job.checkpoint_dir.clone(),
             transport: job.spec.ring.transport.clone(),

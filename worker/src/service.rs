@@ -122,7 +122,6 @@ fn to_assignment(a: pb::Assignment) -> Result<Assignment, String> {
         members: a.members,
         transport: a.transport.parse::<TransportKind>()?,
         spec,
-        start_version: a.start_version,
         resume_from: (!a.resume_from.is_empty()).then(|| PathBuf::from(a.resume_from)),
         checkpoint_dir: PathBuf::from(a.checkpoint_dir),
     })

@@ -46,7 +46,6 @@ pub struct Assignment {
     pub members: Vec<String>,
     pub transport: TransportKind,
     pub spec: JobSpec,
-    pub start_version: u64,
     pub resume_from: Option<PathBuf>,
     pub checkpoint_dir: PathBuf,
 }
