@@ -2,9 +2,11 @@
 //! written as `metrics.csv` and drawn as `metrics.png` next to its
 //! checkpoints, and by `ringtrain plot`.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::path::Path;
-use std::sync::OnceLock;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Mutex, OnceLock};
+use std::thread::JoinHandle;
 
 use plotters::prelude::*;
 
@@ -20,39 +22,88 @@ pub struct MetricRow {
     pub eval: Option<(f64, f64)>,
 }
 
-/// Rows kept per job; past it, every other step row of the older half is
-/// dropped (evaluations are always kept), so a long job's curve keeps its shape
-/// in bounded memory.
+/// Rows kept per job. Past it the history is thinned (see [`push_step`]), so a
+/// job of a million steps holds at most this many rows, and its curve keeps
+/// its shape: the first row, every recent row and, while they are sparse
+/// enough, every evaluation survive.
 pub const MAX_ROWS: usize = 20_000;
 
-/// Appends a step row, thinning the history when it grows past [`MAX_ROWS`].
+/// Appends the row of a completed step. A step at or below the last row's
+/// (the job rolled back to a checkpoint and is redoing steps) first drops the
+/// rows from that step on, so the curve follows the run that produced the
+/// parameters; an evaluation-only row of the same step (see [`record_eval`])
+/// is merged instead.
 pub fn push_step(rows: &mut Vec<MetricRow>, row: MetricRow) {
+    if let Some(last) = rows.last_mut() {
+        if last.step == row.step && !last.loss.is_finite() {
+            *last = MetricRow {
+                eval: row.eval.or(last.eval),
+                ..row
+            };
+            return;
+        }
+        if last.step >= row.step {
+            let keep = rows.partition_point(|r| r.step < row.step);
+            rows.truncate(keep);
+        }
+    }
     rows.push(row);
     if rows.len() > MAX_ROWS {
-        let half = rows.len() / 2;
-        let mut i = 0;
-        rows.retain(|r| {
-            i += 1;
-            i > half || r.eval.is_some() || i % 2 == 0
-        });
+        thin(rows);
     }
 }
 
-/// Records an evaluation on the row of its step (or a new row).
+/// Drops every other row of the older half of the rows without an
+/// evaluation, keeping the first; where rows with an evaluation are the more
+/// numerous (an evaluation every step or two), of those instead. The kind
+/// thinned is at least half the rows, so at least an eighth go: thinning runs
+/// at most once every `MAX_ROWS / 8` steps (amortised O(1) per step), and the
+/// older a part of the curve, the coarser it gets.
+fn thin(rows: &mut Vec<MetricRow>) {
+    let evals = rows.iter().filter(|r| r.eval.is_some()).count();
+    let thin_evals = evals * 2 > rows.len();
+    let of_kind = |r: &MetricRow| r.eval.is_some() == thin_evals;
+    let half = rows.iter().filter(|r| of_kind(r)).count() / 2;
+    let mut i = 0;
+    rows.retain(|r| {
+        if !of_kind(r) {
+            return true;
+        }
+        i += 1;
+        i == 1 || i > half || i % 2 == 0
+    });
+}
+
+/// Records an evaluation on the row of its step, or on a new row in step
+/// order when that step has none (yet).
 pub fn record_eval(rows: &mut Vec<MetricRow>, step: u64, accuracy: f64, loss: f64) {
-    match rows.iter_mut().rev().find(|r| r.step == step) {
-        Some(r) => r.eval = Some((accuracy, loss)),
-        None => rows.push(MetricRow {
+    // Evaluations follow their step: search from the end.
+    let at = rows.len() - rows.iter().rev().take_while(|r| r.step > step).count();
+    if let Some(r) = at.checked_sub(1).and_then(|i| rows.get_mut(i)) {
+        if r.step == step {
+            r.eval = Some((accuracy, loss));
+            return;
+        }
+    }
+    rows.insert(
+        at,
+        MetricRow {
             step,
             eval: Some((accuracy, loss)),
             loss: f64::NAN,
             ..MetricRow::default()
-        }),
+        },
+    );
+    if rows.len() > MAX_ROWS {
+        thin(rows);
     }
 }
 
+/// The CSV header, also what [`from_csv`] expects.
+pub const CSV_HEADER: &str = "step,epoch,loss,samples_per_s,workers,test_accuracy,test_loss";
+
 pub fn to_csv(rows: &[MetricRow]) -> String {
-    let mut out = String::from("step,epoch,loss,samples_per_s,workers,test_accuracy,test_loss\n");
+    let mut out = format!("{CSV_HEADER}\n");
     for r in rows {
         let (acc, tl) = match r.eval {
             Some((a, l)) => (a.to_string(), l.to_string()),
@@ -72,6 +123,40 @@ pub fn to_csv(rows: &[MetricRow]) -> String {
     out
 }
 
+/// Reads what [`to_csv`] wrote (a coordinator restarting picks a job's curve
+/// up from its `metrics.csv`). Lines that do not parse are skipped.
+pub fn from_csv(text: &str) -> Vec<MetricRow> {
+    let mut rows = Vec::new();
+    for line in text.lines().filter(|l| *l != CSV_HEADER) {
+        let f: Vec<&str> = line.split(',').collect();
+        let [step, epoch, loss, sps, workers, acc, tl] = f[..] else {
+            continue;
+        };
+        let (Ok(step), Ok(epoch), Ok(samples_per_s), Ok(workers)) =
+            (step.parse(), epoch.parse(), sps.parse(), workers.parse())
+        else {
+            continue;
+        };
+        let eval = acc.parse().ok().zip(tl.parse().ok());
+        let row = MetricRow {
+            step,
+            epoch,
+            loss: loss.parse().unwrap_or(f64::NAN),
+            samples_per_s,
+            workers,
+            eval,
+        };
+        if !row.loss.is_finite() && row.eval.is_none() {
+            continue;
+        }
+        if rows.last().is_some_and(|l: &MetricRow| l.step >= row.step) {
+            continue;
+        }
+        rows.push(row);
+    }
+    rows
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
     #[error("{path}: {message}")]
@@ -87,9 +172,36 @@ fn write_err(path: &Path, e: impl std::fmt::Display) -> ReportError {
     }
 }
 
+/// A hidden sibling of `path` to write into before renaming it over `path`,
+/// so nobody reads a half-written file. It ends in `.png` when `path` is a
+/// PNG to be: the encoder picks the format by extension.
+fn temp_beside(path: &Path, png: bool) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ext = if png { ".png" } else { "" };
+    path.with_file_name(format!(".{name}.{}.tmp{ext}", std::process::id()))
+}
+
+fn replace_with(tmp: &Path, path: &Path) -> Result<(), ReportError> {
+    std::fs::rename(tmp, path).map_err(|x| {
+        let _ = std::fs::remove_file(tmp);
+        write_err(path, x)
+    })
+}
+
+/// Writes `text` to `path` atomically (a temporary file renamed over it).
+pub fn write_atomically(path: &Path, text: &str) -> Result<(), ReportError> {
+    let tmp = temp_beside(path, false);
+    std::fs::write(&tmp, text).map_err(|x| write_err(path, x))?;
+    replace_with(&tmp, path)
+}
+
 /// Registers a system font for chart text, once. Returns false when none is
-/// installed (Debian: fonts-dejavu-core); charts are then drawn without any
-/// text or axes (plotters draws no glyph without a font) rather than not at all.
+/// installed (Debian: fonts-dejavu-core); charts are then drawn with axes but
+/// without any text (plotters draws no glyph without a font) rather than not
+/// at all.
 fn font_available() -> bool {
     static FONT: OnceLock<bool> = OnceLock::new();
     *FONT.get_or_init(|| {
@@ -108,8 +220,20 @@ fn font_available() -> bool {
     })
 }
 
-/// Draws train loss (left axis) and test accuracy (right axis) against step.
+/// Draws train loss (blue, left axis) and test accuracy (red with dots, right
+/// axis, 0 to 1) against step into a 960x540 PNG at `path` (whatever its
+/// extension), replacing it atomically.
 pub fn render_png(path: &Path, title: &str, rows: &[MetricRow]) -> Result<(), ReportError> {
+    render(path, title, rows, font_available())
+}
+
+/// [`render_png`] without any text, as where no font is installed.
+#[doc(hidden)]
+pub fn render_png_without_text(path: &Path, rows: &[MetricRow]) -> Result<(), ReportError> {
+    render(path, "", rows, false)
+}
+
+fn render(path: &Path, title: &str, rows: &[MetricRow], text: bool) -> Result<(), ReportError> {
     let losses: Vec<(f64, f64)> = rows
         .iter()
         .filter(|r| r.loss.is_finite())
@@ -122,77 +246,186 @@ pub fn render_png(path: &Path, title: &str, rows: &[MetricRow]) -> Result<(), Re
     if losses.is_empty() && evals.is_empty() {
         return Err(ReportError::Empty);
     }
-    let text = font_available();
-    let max_step = rows.iter().map(|r| r.step).max().unwrap_or(1).max(1) as f64;
+    let tmp = temp_beside(path, true);
+    draw(&tmp, title, &losses, &evals, text)
+        .map_err(|x| {
+            let _ = std::fs::remove_file(&tmp);
+            write_err(path, x)
+        })
+        .and_then(|()| replace_with(&tmp, path))
+}
+
+type DrawResult = Result<(), Box<dyn std::error::Error>>;
+
+fn draw(
+    path: &Path,
+    title: &str,
+    losses: &[(f64, f64)],
+    evals: &[(f64, f64)],
+    text: bool,
+) -> DrawResult {
+    let first_step = losses
+        .iter()
+        .chain(evals)
+        .map(|p| p.0)
+        .fold(f64::MAX, f64::min);
+    let last_step = losses.iter().chain(evals).map(|p| p.0).fold(0.0, f64::max);
+    // From 0, unless the curve starts well in (a job resumed from a checkpoint).
+    let x0 = if first_step <= (last_step - first_step) / 20.0 {
+        0.0
+    } else {
+        first_step.min(last_step - 1.0).max(0.0)
+    };
+    let x1 = last_step.max(x0 + 1.0);
     let max_loss = losses.iter().map(|p| p.1).fold(0.0, f64::max).max(1e-3) * 1.05;
     let root = BitMapBackend::new(path, (960, 540)).into_drawing_area();
-    let e = |e: &dyn std::fmt::Display| write_err(path, e);
-    root.fill(&WHITE).map_err(|x| e(&x))?;
+    root.fill(&WHITE)?;
     let mut builder = ChartBuilder::on(&root);
-    builder
-        .margin(16)
-        .x_label_area_size(40)
-        .y_label_area_size(56)
-        .right_y_label_area_size(56);
+    builder.margin(16);
     if text {
-        builder.caption(title, ("sans-serif", 22));
+        builder
+            .caption(title, ("sans-serif", 22))
+            .x_label_area_size(40)
+            .y_label_area_size(64)
+            .right_y_label_area_size(64);
+    } else {
+        builder
+            .x_label_area_size(8)
+            .y_label_area_size(8)
+            .right_y_label_area_size(8);
     }
     let mut chart = builder
-        .build_cartesian_2d(0f64..max_step, 0f64..max_loss)
-        .map_err(|x| e(&x))?
-        .set_secondary_coord(0f64..max_step, 0f64..1f64);
+        .build_cartesian_2d(x0..x1, 0f64..max_loss)?
+        .set_secondary_coord(x0..x1, 0f64..1f64);
     if text {
         chart
             .configure_mesh()
             .x_desc("step")
             .x_label_formatter(&|x| format!("{x:.0}"))
             .y_desc("train loss")
-            .draw()
-            .map_err(|x| e(&x))?;
+            .draw()?;
         chart
             .configure_secondary_axes()
             .y_desc("test accuracy")
-            .draw()
-            .map_err(|x| e(&x))?;
+            .draw()?;
+    } else {
+        // Axis lines only: a label would need a font.
+        chart.configure_mesh().x_labels(0).y_labels(0).draw()?;
+        chart
+            .configure_secondary_axes()
+            .x_labels(0)
+            .y_labels(0)
+            .draw()?;
     }
-    let loss_series = chart
-        .draw_series(LineSeries::new(losses, BLUE.stroke_width(2)))
-        .map_err(|x| e(&x))?;
+    let loss_series = chart.draw_series(LineSeries::new(
+        losses.iter().copied(),
+        BLUE.stroke_width(2),
+    ))?;
     if text {
         loss_series
             .label("train loss")
-            .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE));
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE.stroke_width(2)));
     }
-    let acc_series = chart
-        .draw_secondary_series(LineSeries::new(evals.clone(), RED.stroke_width(2)))
-        .map_err(|x| e(&x))?;
+    let acc_series =
+        chart.draw_secondary_series(LineSeries::new(evals.iter().copied(), RED.stroke_width(2)))?;
     if text {
         acc_series
             .label("test accuracy")
-            .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RED));
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RED.stroke_width(2)));
     }
-    chart
-        .draw_secondary_series(evals.iter().map(|&p| Circle::new(p, 4, RED.filled())))
-        .map_err(|x| e(&x))?;
+    chart.draw_secondary_series(evals.iter().map(|&p| Circle::new(p, 4, RED.filled())))?;
     if text {
         chart
             .configure_series_labels()
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
             .position(SeriesLabelPosition::UpperRight)
-            .draw()
-            .map_err(|x| e(&x))?;
+            .draw()?;
     }
-    root.present().map_err(|x| e(&x))?;
+    root.present()?;
     Ok(())
 }
 
-/// Writes `metrics.csv` and `metrics.png` into `dir`.
+/// Writes `metrics.csv` and `metrics.png` into `dir` (created if missing),
+/// each replaced atomically.
 pub fn write_report(dir: &Path, title: &str, rows: &[MetricRow]) -> Result<(), ReportError> {
     std::fs::create_dir_all(dir).map_err(|x| write_err(dir, x))?;
-    let csv = dir.join("metrics.csv");
-    std::fs::write(&csv, to_csv(rows)).map_err(|x| write_err(&csv, x))?;
+    write_atomically(&dir.join("metrics.csv"), &to_csv(rows))?;
     render_png(&dir.join("metrics.png"), title, rows)
+}
+
+/// The curve a job left in `dir` (its `metrics.csv`), if any.
+pub fn read_report(dir: &Path) -> Vec<MetricRow> {
+    std::fs::read_to_string(dir.join("metrics.csv"))
+        .map(|t| from_csv(&t))
+        .unwrap_or_default()
+}
+
+struct Request {
+    dir: PathBuf,
+    title: String,
+    rows: Vec<MetricRow>,
+}
+
+/// One background thread that writes job reports in the order asked, off the
+/// caller's locks and async runtime. Requests for a directory that queue up
+/// while it is busy are coalesced to the newest. Failures are logged.
+#[derive(Default)]
+pub struct ReportWriter {
+    queue: Mutex<Option<(mpsc::Sender<Request>, JoinHandle<()>)>>,
+}
+
+impl ReportWriter {
+    /// Queues writing `rows` as `dir/metrics.csv` and `dir/metrics.png`.
+    pub fn submit(&self, dir: PathBuf, title: String, rows: Vec<MetricRow>) {
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if queue.is_none() {
+            let (tx, rx) = mpsc::channel();
+            match std::thread::Builder::new()
+                .name("metrics-report".into())
+                .spawn(move || write_loop(rx))
+            {
+                Ok(handle) => *queue = Some((tx, handle)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not start the metrics report writer");
+                    return;
+                }
+            }
+        }
+        if let Some((tx, _)) = queue.as_ref() {
+            let _ = tx.send(Request { dir, title, rows });
+        }
+    }
+
+    /// Writes what is queued and stops the thread (blocking; at shutdown).
+    /// A later [`Self::submit`] starts a new one.
+    pub fn finish(&self) {
+        let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some((tx, handle)) = queue {
+            drop(tx);
+            let _ = handle.join();
+        }
+    }
+}
+
+fn write_loop(rx: mpsc::Receiver<Request>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        batch.extend(rx.try_iter());
+        // Newest request per directory, in the order they were asked.
+        let mut newest: HashMap<PathBuf, usize> = HashMap::new();
+        for (i, r) in batch.iter().enumerate() {
+            newest.insert(r.dir.clone(), i);
+        }
+        for (i, r) in batch.iter().enumerate() {
+            if newest.get(&r.dir) != Some(&i) {
+                continue;
+            }
+            if let Err(e) = write_report(&r.dir, &r.title, &r.rows) {
+                tracing::warn!(error = %e, "could not write the job's metrics report");
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -236,25 +469,112 @@ mod tests {
     #[test]
     fn long_histories_are_thinned_but_keep_evaluations_and_recent_steps() {
         let rows = rows(50_000);
-        assert!(rows.len() <= MAX_ROWS + 1, "{}", rows.len());
+        assert!(rows.len() <= MAX_ROWS, "{}", rows.len());
         assert_eq!(rows.iter().filter(|r| r.eval.is_some()).count(), 5_000);
+        assert_eq!(rows.first().map(|r| r.step), Some(1));
         assert_eq!(rows.last().map(|r| r.step), Some(50_000));
         assert!(rows.windows(2).all(|w| w[0].step < w[1].step));
+        // The newest steps are all there.
+        assert!(rows.iter().rev().take(5_000).all(|r| r.step > 45_000));
+    }
+
+    #[test]
+    fn an_evaluation_every_step_is_thinned_too() {
+        let mut rows = Vec::new();
+        for step in 1..=1_000_000u64 {
+            push_step(
+                &mut rows,
+                MetricRow {
+                    step,
+                    loss: 1.0,
+                    ..MetricRow::default()
+                },
+            );
+            record_eval(&mut rows, step, 0.5, 0.5);
+        }
+        assert!(rows.len() <= MAX_ROWS, "{}", rows.len());
+        assert!(rows.len() > MAX_ROWS / 2, "{}", rows.len());
+        assert_eq!(rows.first().map(|r| r.step), Some(1));
+        assert_eq!(rows.last().map(|r| r.step), Some(1_000_000));
+        assert!(rows.windows(2).all(|w| w[0].step < w[1].step));
+    }
+
+    #[test]
+    fn a_rollback_drops_the_abandoned_steps_and_an_early_evaluation_is_merged() {
+        let mut rows = rows(30);
+        let step = |step, loss| MetricRow {
+            step,
+            loss,
+            ..MetricRow::default()
+        };
+        // Back to the checkpoint of step 20: steps 21.. are redone.
+        push_step(&mut rows, step(21, 9.0));
+        assert_eq!(rows.len(), 21);
+        assert_eq!(rows[20].loss, 9.0);
+        assert!(rows[19].eval.is_some(), "the evaluation at 20 stays");
+        // An evaluation ahead of its step's row, then the row.
+        record_eval(&mut rows, 22, 0.7, 0.3);
+        push_step(&mut rows, step(22, 8.0));
+        assert_eq!(rows.len(), 22);
+        assert_eq!(rows[21].loss, 8.0);
+        assert_eq!(rows[21].eval, Some((0.7, 0.3)));
+        // An evaluation of an older step lands in step order.
+        let mut sparse = vec![step(5, 1.0), step(9, 1.0)];
+        record_eval(&mut sparse, 7, 0.5, 0.5);
+        let steps: Vec<u64> = sparse.iter().map(|r| r.step).collect();
+        assert_eq!(steps, [5, 7, 9]);
+    }
+
+    #[test]
+    fn the_csv_reads_back() {
+        let mut rows = rows(30);
+        rows.push(MetricRow {
+            step: 31,
+            loss: f64::NAN,
+            eval: Some((0.9, 0.1)),
+            ..MetricRow::default()
+        });
+        let back = from_csv(&to_csv(&rows));
+        assert_eq!(to_csv(&back), to_csv(&rows));
+        assert_eq!(back.len(), 31);
+        assert!(from_csv("garbage\n1,2\n").is_empty());
     }
 
     #[test]
     fn the_report_is_a_csv_and_a_png() {
         let dir = tempfile::tempdir().unwrap();
-        write_report(dir.path(), "test job", &rows(30)).unwrap();
-        let png = std::fs::read(dir.path().join("metrics.png")).unwrap();
+        let job = dir.path().join("job/checkpoint");
+        write_report(&job, "test job", &rows(30)).unwrap();
+        let png = std::fs::read(job.join("metrics.png")).unwrap();
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
         assert!(png.len() > 5_000);
-        assert!(std::fs::read_to_string(dir.path().join("metrics.csv"))
-            .unwrap()
-            .starts_with("step,"));
+        assert_eq!(read_report(&job), rows(30));
         assert!(matches!(
             render_png(&dir.path().join("x.png"), "t", &[]),
             Err(ReportError::Empty)
         ));
+        // Any name: the output is a PNG all the same, and no temporary is left.
+        render_png(&dir.path().join("curve"), "t", &rows(3)).unwrap();
+        let png = std::fs::read(dir.path().join("curve")).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().all(|n| !n.contains(".tmp")), "{names:?}");
+    }
+
+    #[test]
+    fn the_writer_writes_the_newest_report_of_each_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = ReportWriter::default();
+        for n in [10, 20, 30] {
+            writer.submit(dir.path().join("a"), "a".into(), rows(n));
+        }
+        writer.submit(dir.path().join("b"), "b".into(), rows(5));
+        writer.finish();
+        assert_eq!(read_report(&dir.path().join("a")).len(), 30);
+        assert_eq!(read_report(&dir.path().join("b")).len(), 5);
+        assert!(dir.path().join("b/metrics.png").is_file());
     }
 }

@@ -2,6 +2,7 @@
 //! which owns the [`State`] behind one mutex. Handlers lock, change state,
 //! apply the scheduler's decisions, and unlock before any `.await`.
 
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -30,8 +31,8 @@ struct Inner {
     config: CoordinatorConfig,
     metrics: Metrics,
     store: Store,
-    /// Report writers still running; joined before the process exits.
-    reports: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Writes jobs' metrics.csv and metrics.png; drained before the process exits.
+    reports: crate::report::ReportWriter,
 }
 
 fn parse_job(id: &str) -> Result<JobId, Status> {
@@ -47,6 +48,11 @@ fn parse_worker(id: &str) -> Result<WorkerId, Status> {
 
 fn not_found(id: JobId) -> Status {
     Status::not_found(format!("no job {id}"))
+}
+
+/// The title of a job's metrics.png.
+fn report_title(job: &Job) -> String {
+    format!("{} ({}, job {})", job.spec.name, job.spec.model, job.id)
 }
 
 impl Coordinator {
@@ -65,7 +71,7 @@ impl Coordinator {
         };
         let regroup = Instant::now() + config.worker_timeout() * 2;
         for r in records {
-            let Some(job) = job_from_record(&r, regroup) else {
+            let Some(mut job) = job_from_record(&r, regroup) else {
                 warn!(
                     job = r.id,
                     "skipping a stored job whose spec no longer parses"
@@ -74,6 +80,9 @@ impl Coordinator {
             };
             if !job.state.is_terminal() {
                 info!(job = %job.id, state = ?job.state, step = job.step, "recovered job");
+                // The curve up to the last checkpoint (finished jobs' curves
+                // are read on demand, see `get_job_metrics`).
+                job.history = crate::report::read_report(Path::new(&job.checkpoint_dir));
             }
             st.queue.push(job.id);
             st.jobs.insert(job.id, job);
@@ -84,7 +93,7 @@ impl Coordinator {
                 config,
                 metrics,
                 store,
-                reports: Mutex::new(Vec::new()),
+                reports: crate::report::ReportWriter::default(),
             }),
         })
     }
@@ -259,34 +268,23 @@ impl Coordinator {
         self.persist(st, id, true);
     }
 
-    /// Writes the job's metrics.csv and metrics.png next to its checkpoints, off
-    /// the state lock and the async runtime; a failure is logged, never fatal.
+    /// Writes the job's metrics.csv and metrics.png next to its checkpoints, on
+    /// the report writer's thread (not under the state lock, not on the async
+    /// runtime); a failure is logged, never fatal.
     fn write_report_later(&self, job: &Job) {
         if job.history.is_empty() || job.checkpoint_dir.is_empty() {
             return;
         }
-        let (rows, dir) = (
+        self.inner.reports.submit(
+            PathBuf::from(&job.checkpoint_dir),
+            report_title(job),
             job.history.clone(),
-            std::path::PathBuf::from(&job.checkpoint_dir),
         );
-        let title = format!("{} ({}, job {})", job.spec.name, job.spec.model, job.id);
-        let writer = std::thread::spawn(move || {
-            if let Err(e) = crate::report::write_report(&dir, &title, &rows) {
-                warn!(error = %e, "could not write the job's metrics report");
-            }
-        });
-        let mut reports = self.inner.reports.lock().unwrap_or_else(|p| p.into_inner());
-        reports.retain(|h| !h.is_finished());
-        reports.push(writer);
     }
 
-    /// Waits for report writers still running (at shutdown).
+    /// Writes the reports still queued (blocking; at shutdown).
     pub fn finish_reports(&self) {
-        let pending =
-            std::mem::take(&mut *self.inner.reports.lock().unwrap_or_else(|p| p.into_inner()));
-        for h in pending {
-            let _ = h.join();
-        }
+        self.inner.reports.finish();
     }
 
     fn update_gauges(&self, st: &State) {
@@ -461,10 +459,22 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::JobMetrics>, Status> {
         let id = parse_job(&request.into_inner().job_id)?;
-        let st = self.lock();
-        let job = st.jobs.get(&id).ok_or_else(|| not_found(id))?;
-        let rows = job
-            .history
+        let (mut history, ended_in) = {
+            let st = self.lock();
+            let job = st.jobs.get(&id).ok_or_else(|| not_found(id))?;
+            (
+                job.history.clone(),
+                job.state.is_terminal().then(|| job.checkpoint_dir.clone()),
+            )
+        };
+        // A job that ended before this coordinator started: its metrics.csv.
+        if let Some(dir) = ended_in.filter(|d| history.is_empty() && !d.is_empty()) {
+            history =
+                tokio::task::spawn_blocking(move || crate::report::read_report(Path::new(&dir)))
+                    .await
+                    .unwrap_or_default();
+        }
+        let rows = history
             .iter()
             .map(|r| pb::MetricRow {
                 step: r.step,
@@ -738,7 +748,7 @@ impl pb::worker_control_server::WorkerControl for Coordinator {
             crate::report::push_step(
                 &mut job.history,
                 crate::report::MetricRow {
-                    step,
+                    step: r.param_version,
                     epoch,
                     loss,
                     samples_per_s: sps,

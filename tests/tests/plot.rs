@@ -2,8 +2,10 @@
 //! `ringtrain plot` draws one on demand.
 
 use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
 
-use ringtrain_tests::{examples, last_json, stderr, stdout, Cluster, FASHION_MNIST};
+use ringtrain_tests::{examples, last_json, ringtrain_bin, stderr, stdout, Cluster, FASHION_MNIST};
 
 fn is_png(path: &Path) -> bool {
     let bytes = std::fs::read(path).unwrap_or_default();
@@ -77,11 +79,116 @@ fn a_finished_job_has_its_curve_as_csv_and_png_and_plot_draws_it() {
     assert!(is_png(&png));
     assert_eq!(std::fs::read_to_string(&csv_out).expect("csv"), csv);
 
+    // Without -o: JOB.png in the working directory.
+    let o = Command::new(ringtrain_bin())
+        .args(["plot", &job, "--coordinator", &cluster.coordinator])
+        .current_dir(out.path())
+        .output()
+        .expect("run ringtrain");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(is_png(&out.path().join(format!("{job}.png"))));
+
     let o = cluster.cli(&["plot", "0123456789abcdef"]);
     assert!(!o.status.success());
     let err = stderr(&o);
     assert!(
-        err.trim().ends_with("no job 0123456789abcdef") && err.lines().count() == 1,
+        err.trim() == "error: no job 0123456789abcdef" && err.lines().count() == 1,
         "{err}"
     );
+
+    // A job that has not stepped yet (it waits for a third worker).
+    let o = cluster.cli(&[
+        "submit",
+        &spec,
+        "--set",
+        "workers=3",
+        "--set",
+        "min_workers=3",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let pending = stdout(&o).trim().to_string();
+    let o = cluster.cli(&["plot", &pending, "-o", png.to_str().expect("path")]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.trim() == format!("error: job {pending} has no completed steps to plot yet")
+            && err.lines().count() == 1,
+        "{err}"
+    );
+    assert!(is_png(&png), "the earlier plot is left as it was");
+    assert!(cluster.cli(&["cancel", &pending]).status.success());
+}
+
+#[test]
+fn a_restarted_coordinator_keeps_the_curve_from_before() {
+    if !Path::new(FASHION_MNIST).is_dir() {
+        eprintln!("SKIPPED: {FASHION_MNIST} missing");
+        return;
+    }
+    let mut cluster = Cluster::start(2);
+    let spec = examples()
+        .join("fashion-mlp.toml")
+        .to_string_lossy()
+        .into_owned();
+    let o = cluster.cli(&[
+        "submit",
+        &spec,
+        "--set",
+        "max_steps=300",
+        "--set",
+        "checkpoint.every_steps=20",
+        "--set",
+        "eval_every_steps=50",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let job = stdout(&o).trim().to_string();
+    let steps = |c: &Cluster| c.status(&job)["steps"].as_u64().unwrap_or(0);
+    ringtrain_tests::wait_for("step 60", Duration::from_secs(60), || {
+        (steps(&cluster) >= 60).then_some(())
+    });
+    cluster.signal("coordinator", "KILL");
+    cluster.restart_coordinator();
+    let end = ringtrain_tests::wait_for("the end", Duration::from_secs(120), || {
+        let v = cluster.status(&job);
+        ["succeeded", "failed", "cancelled"]
+            .contains(&v["state"].as_str().unwrap_or(""))
+            .then_some(v)
+    });
+    assert_eq!(end["state"], "succeeded", "{end}");
+    let dir = Path::new(end["checkpoint_dir"].as_str().expect("dir")).to_path_buf();
+    let csv = ringtrain_tests::wait_for("the final metrics.csv", Duration::from_secs(10), || {
+        std::fs::read_to_string(dir.join("metrics.csv"))
+            .ok()
+            .filter(|t| t.lines().last().is_some_and(|l| l.starts_with("300,")))
+    });
+    let steps: Vec<u64> = csv
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split(',').next()?.parse().ok())
+        .collect();
+    assert_eq!(
+        steps.first(),
+        Some(&1),
+        "the steps before the restart are kept"
+    );
+    assert!(steps.windows(2).all(|w| w[0] < w[1]), "in step order");
+    assert!(steps.len() >= 200, "{} rows", steps.len());
+
+    // Restarted again after the end: `plot` draws from the job's metrics.csv.
+    cluster.signal("coordinator", "KILL");
+    cluster.restart_coordinator();
+    let out = tempfile::tempdir().expect("tempdir");
+    let png = out.path().join("after.png");
+    let csv_out = out.path().join("after.csv");
+    let o = cluster.cli(&[
+        "plot",
+        &job,
+        "-o",
+        png.to_str().expect("path"),
+        "--csv",
+        csv_out.to_str().expect("path"),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(is_png(&png));
+    assert_eq!(std::fs::read_to_string(&csv_out).expect("csv"), csv);
 }
