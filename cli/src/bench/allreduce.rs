@@ -38,7 +38,7 @@ pub struct Args {
     #[arg(long, default_value = "f32")]
     encoding: WireEncoding,
     /// Pipelined segment size in KiB of f32.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 512)]
     segment_kib: usize,
     /// Seconds a silent neighbour is tolerated.
     #[arg(long, default_value_t = 30)]

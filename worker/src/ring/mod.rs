@@ -94,7 +94,7 @@ impl Default for RingOptions {
         Self {
             transport: TransportKind::Tcp,
             encoding: WireEncoding::F32,
-            segment_elems: 256 * 1024,
+            segment_elems: 128 * 1024,
             timeout: Duration::from_secs(10),
         }
     }
