@@ -2,7 +2,7 @@
 # Side-by-side training throughput: PyTorch DDP over Gloo (the peer,
 # shared/bench/peers/ddp_train.py) and ringtrain on the same workload, in one
 # run on this machine, then the ratio ringtrain/DDP of samples per second.
-# Usage: scripts/bench-train.sh [WORLD] [STEPS] [MODEL] [BATCH]
+# Usage: scripts/bench-train.sh [WORLD] [STEPS] [MODEL] [BATCH]   (ROUNDS, default 3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -14,12 +14,24 @@ steps=${2:-60}
 model=${3:-cnn}
 batch=${4:-64}
 peers=${RINGTRAIN_PEERS:-../shared/bench/peers}
-ddp=$(.venv/bin/python "$peers/ddp_train.py" --world "$world" --model "$model" --batch "$batch" --epochs 0 --steps "$steps" 2>/dev/null | tail -n 1)
-ours=$(target/release/ringtrain bench train --world "$world" --model "$model" --batch "$batch" --steps "$steps" | tail -n 1)
-echo "$ddp"
-echo "$ours"
-python3 - "$ddp" "$ours" <<'PY'
-import json, sys
-d, o = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-print(f"world={d['world']} model={d['model']} batch={d['batch_per_rank']}: ringtrain/ddp samples/s = {o['samples_per_s'] / d['samples_per_s']:.2f}x")
+rounds=${ROUNDS:-3}
+lines=()
+# Alternate the two, ROUNDS times: one run on a noisy machine says little, so
+# the ratio printed is of the median samples/s over the rounds.
+for r in $(seq "$rounds"); do
+  ddp=$(.venv/bin/python "$peers/ddp_train.py" --world "$world" --model "$model" --batch "$batch" --epochs 0 --steps "$steps" 2>/dev/null | tail -n 1)
+  ours=$(target/release/ringtrain bench train --world "$world" --model "$model" --batch "$batch" --steps "$steps" | tail -n 1)
+  echo "$ddp"
+  echo "$ours"
+  lines+=("$ddp" "$ours")
+done
+python3 - "${lines[@]}" <<'PY'
+import json, statistics, sys
+rows = [json.loads(a) for a in sys.argv[1:]]
+ddp = [r["samples_per_s"] for r in rows if r["impl"] != "ringtrain"]
+ours = [r["samples_per_s"] for r in rows if r["impl"] == "ringtrain"]
+d, o = statistics.median(ddp), statistics.median(ours)
+r0 = rows[0]
+print(f"world={r0['world']} model={r0['model']} batch={r0['batch_per_rank']} rounds={len(ddp)}: "
+      f"ddp median {d:.1f} samples/s, ringtrain median {o:.1f} samples/s, ringtrain/ddp = {o / d:.2f}x")
 PY
