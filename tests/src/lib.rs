@@ -32,6 +32,32 @@ pub fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
 }
 
+/// `examples/fashion-mlp.toml`, as a command-line argument.
+pub fn mlp_spec() -> String {
+    examples()
+        .join("fashion-mlp.toml")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// `examples/fashion-cnn.toml`, as a command-line argument.
+pub fn cnn_spec() -> String {
+    examples()
+        .join("fashion-cnn.toml")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// True, after saying so, where Fashion-MNIST is not installed: tests that
+/// train skip there. scripts/test.sh installs it, so CI never skips them.
+pub fn skip_without_data() -> bool {
+    let missing = !Path::new(FASHION_MNIST).is_dir();
+    if missing {
+        eprintln!("SKIPPED: {FASHION_MNIST} missing (scripts/test.sh installs it)");
+    }
+    missing
+}
+
 /// Polls `check` until it returns Some or `timeout` passes.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
@@ -280,6 +306,17 @@ impl Cluster {
             .stdin(Stdio::null())
             .output()
             .expect("run ringtrain")
+    }
+
+    /// `ringtrain submit SPEC --set S...`; returns the new job's id.
+    pub fn submit(&self, spec: &str, sets: &[&str]) -> String {
+        let mut args = vec!["submit", spec];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        let o = self.cli(&args);
+        assert!(o.status.success(), "submit failed: {}", stderr(&o));
+        stdout(&o).trim().to_string()
     }
 
     /// GET /metrics of a process.

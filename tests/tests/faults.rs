@@ -4,36 +4,9 @@
 //! (the coordinator fails a job whose replicas' hashes differ).
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ringtrain_tests::{examples, last_json, run, stderr, stdout, wait_for, Cluster, FASHION_MNIST};
-
-fn mlp_spec() -> String {
-    examples()
-        .join("fashion-mlp.toml")
-        .to_string_lossy()
-        .into_owned()
-}
-
-fn skip_without_data() -> bool {
-    let missing = !Path::new(FASHION_MNIST).is_dir();
-    if missing {
-        eprintln!("SKIPPED: {FASHION_MNIST} missing (scripts/test.sh installs it)");
-    }
-    missing
-}
-
-fn submit(cluster: &Cluster, sets: &[&str]) -> String {
-    let spec = mlp_spec();
-    let mut args = vec!["submit", spec.as_str()];
-    for s in sets {
-        args.extend(["--set", s]);
-    }
-    let o = cluster.cli(&args);
-    assert!(o.status.success(), "{}", stderr(&o));
-    stdout(&o).trim().to_string()
-}
+use ringtrain_tests::{last_json, mlp_spec, run, skip_without_data, stderr, wait_for, Cluster};
 
 fn steps(v: &serde_json::Value) -> u64 {
     v["steps"].as_u64().unwrap_or(0)
@@ -145,8 +118,8 @@ fn killing_one_of_four_workers_loses_no_sample_and_accuracy_holds() {
     let baseline = last_json(&o)["test_accuracy"].as_f64().expect("accuracy");
 
     let mut cluster = Cluster::start(4);
-    let job = submit(
-        &cluster,
+    let job = cluster.submit(
+        &mlp_spec(),
         &["workers=4", "epochs=1", "max_steps=0", "audit_samples=true"],
     );
     // A step chosen from the clock, so runs differ.
@@ -191,7 +164,7 @@ fn a_paused_worker_is_fenced_off_and_rejoins_as_a_new_member() {
         return;
     }
     let mut cluster = Cluster::start(3);
-    let job = submit(&cluster, &["workers=3", "max_steps=1000000"]);
+    let job = cluster.submit(&mlp_spec(), &["workers=3", "max_steps=1000000"]);
     let before = wait_for("progress", Duration::from_secs(60), || {
         let v = cluster.status(&job);
         (steps(&v) >= 5).then_some(v)
@@ -239,8 +212,8 @@ fn a_worker_joining_mid_run_gets_the_state_and_the_job_finishes_with_three() {
         return;
     }
     let mut cluster = Cluster::start(2);
-    let job = submit(
-        &cluster,
+    let job = cluster.submit(
+        &mlp_spec(),
         &[
             "workers=2",
             "max_workers=3",
@@ -293,7 +266,7 @@ fn the_job_survives_a_coordinator_killed_and_restarted() {
         return;
     }
     let mut cluster = Cluster::start(2);
-    let job = submit(&cluster, &["workers=2", "max_steps=1500"]);
+    let job = cluster.submit(&mlp_spec(), &["workers=2", "max_steps=1500"]);
     wait_for("progress", Duration::from_secs(60), || {
         (steps(&cluster.status(&job)) >= 30).then_some(())
     });

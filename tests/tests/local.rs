@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use ringtrain_tests::{examples, ringtrain_bin, wait_for, FASHION_MNIST};
+use ringtrain_tests::{mlp_spec, ringtrain_bin, skip_without_data, wait_for};
 
 /// Processes whose command line mentions `needle` (other than `except`).
 fn processes_mentioning(needle: &str, except: u32) -> Vec<u32> {
@@ -26,14 +26,9 @@ fn processes_mentioning(needle: &str, except: u32) -> Vec<u32> {
 }
 
 fn start_local(run_dir: &Path) -> Child {
-    let spec = examples().join("fashion-mlp.toml");
+    let spec = mlp_spec();
     Command::new(ringtrain_bin())
-        .args([
-            "local",
-            spec.to_str().expect("path"),
-            "--set",
-            "max_steps=100000000",
-        ])
+        .args(["local", spec.as_str(), "--set", "max_steps=100000000"])
         .arg("--run-dir")
         .arg(run_dir)
         .stdin(Stdio::null())
@@ -61,8 +56,7 @@ fn signal(pid: u32, sig: &str) {
 
 #[test]
 fn ctrl_c_stops_the_job_and_every_process() {
-    if !Path::new(FASHION_MNIST).is_dir() {
-        eprintln!("SKIPPED: {FASHION_MNIST} missing");
+    if skip_without_data() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -92,8 +86,7 @@ fn ctrl_c_stops_the_job_and_every_process() {
 
 #[test]
 fn children_die_with_a_killed_local() {
-    if !Path::new(FASHION_MNIST).is_dir() {
-        eprintln!("SKIPPED: {FASHION_MNIST} missing");
+    if skip_without_data() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");

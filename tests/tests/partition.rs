@@ -3,11 +3,10 @@
 //! others go on; when the link comes back the worker rejoins as a new member.
 //! Linux only; skipped with a message where namespaces cannot be made.
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use ringtrain_tests::{examples, stderr, stdout, wait_for, Cluster, FASHION_MNIST};
+use ringtrain_tests::{mlp_spec, skip_without_data, stderr, wait_for, Cluster};
 
 const HOST_IP: &str = "169.254.77.1";
 const NS_IP: &str = "169.254.77.2";
@@ -88,8 +87,7 @@ fn steps(v: &serde_json::Value) -> u64 {
 
 #[test]
 fn a_partitioned_worker_is_dropped_and_rejoins_when_the_link_returns() {
-    if !Path::new(FASHION_MNIST).is_dir() {
-        eprintln!("SKIPPED: {FASHION_MNIST} missing");
+    if skip_without_data() {
         return;
     }
     let ns = match NetNs::create() {
@@ -114,20 +112,8 @@ fn a_partitioned_worker_is_dropped_and_rejoins_when_the_link_returns() {
         NS_IP,
     );
 
-    let spec = examples()
-        .join("fashion-mlp.toml")
-        .to_string_lossy()
-        .into_owned();
-    let o = cluster.cli(&[
-        "submit",
-        &spec,
-        "--set",
-        "workers=3",
-        "--set",
-        "max_steps=1000000",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let job = stdout(&o).trim().to_string();
+    let spec = mlp_spec();
+    let job = cluster.submit(&spec, &["workers=3", "max_steps=1000000"]);
     wait_for("training on three workers", Duration::from_secs(60), || {
         let v = cluster.status(&job);
         (steps(&v) >= 5 && v["ring_workers"] == 3).then_some(())

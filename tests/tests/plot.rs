@@ -5,7 +5,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use ringtrain_tests::{examples, last_json, ringtrain_bin, stderr, stdout, Cluster, FASHION_MNIST};
+use ringtrain_tests::{
+    last_json, mlp_spec, ringtrain_bin, skip_without_data, stderr, stdout, Cluster,
+};
 
 fn is_png(path: &Path) -> bool {
     let bytes = std::fs::read(path).unwrap_or_default();
@@ -14,15 +16,11 @@ fn is_png(path: &Path) -> bool {
 
 #[test]
 fn a_finished_job_has_its_curve_as_csv_and_png_and_plot_draws_it() {
-    if !Path::new(FASHION_MNIST).is_dir() {
-        eprintln!("SKIPPED: {FASHION_MNIST} missing");
+    if skip_without_data() {
         return;
     }
     let cluster = Cluster::start(2);
-    let spec = examples()
-        .join("fashion-mlp.toml")
-        .to_string_lossy()
-        .into_owned();
+    let spec = mlp_spec();
     let o = cluster.cli(&[
         "submit",
         &spec,
@@ -97,16 +95,7 @@ fn a_finished_job_has_its_curve_as_csv_and_png_and_plot_draws_it() {
     );
 
     // A job that has not stepped yet (it waits for a third worker).
-    let o = cluster.cli(&[
-        "submit",
-        &spec,
-        "--set",
-        "workers=3",
-        "--set",
-        "min_workers=3",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let pending = stdout(&o).trim().to_string();
+    let pending = cluster.submit(&spec, &["workers=3", "min_workers=3"]);
     let o = cluster.cli(&["plot", &pending, "-o", png.to_str().expect("path")]);
     assert!(!o.status.success());
     let err = stderr(&o);
@@ -121,27 +110,19 @@ fn a_finished_job_has_its_curve_as_csv_and_png_and_plot_draws_it() {
 
 #[test]
 fn a_restarted_coordinator_keeps_the_curve_from_before() {
-    if !Path::new(FASHION_MNIST).is_dir() {
-        eprintln!("SKIPPED: {FASHION_MNIST} missing");
+    if skip_without_data() {
         return;
     }
     let mut cluster = Cluster::start(2);
-    let spec = examples()
-        .join("fashion-mlp.toml")
-        .to_string_lossy()
-        .into_owned();
-    let o = cluster.cli(&[
-        "submit",
+    let spec = mlp_spec();
+    let job = cluster.submit(
         &spec,
-        "--set",
-        "max_steps=300",
-        "--set",
-        "checkpoint.every_steps=20",
-        "--set",
-        "eval_every_steps=50",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let job = stdout(&o).trim().to_string();
+        &[
+            "max_steps=300",
+            "checkpoint.every_steps=20",
+            "eval_every_steps=50",
+        ],
+    );
     let steps = |c: &Cluster| c.status(&job)["steps"].as_u64().unwrap_or(0);
     ringtrain_tests::wait_for("step 60", Duration::from_secs(60), || {
         (steps(&cluster) >= 60).then_some(())

@@ -6,22 +6,10 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-use ringtrain_tests::{examples, last_json, run, stderr, wait_for, Cluster, FASHION_MNIST};
+use ringtrain_tests::{
+    cnn_spec, last_json, mlp_spec, run, skip_without_data, stderr, wait_for, Cluster,
+};
 use safetensors::SafeTensors;
-
-fn cnn_spec() -> String {
-    examples()
-        .join("fashion-cnn.toml")
-        .to_string_lossy()
-        .into_owned()
-}
-
-fn mlp_spec() -> String {
-    examples()
-        .join("fashion-mlp.toml")
-        .to_string_lossy()
-        .into_owned()
-}
 
 fn load_params(dir: &Path) -> HashMap<String, Vec<f32>> {
     let bytes = std::fs::read(dir.join("model.safetensors")).expect("checkpoint file");
@@ -77,14 +65,6 @@ fn local(spec: &str, workers: usize, run_dir: &Path, sets: &[&str]) -> serde_jso
     let v = last_json(&o);
     assert_eq!(v["state"], "succeeded", "{v}");
     v
-}
-
-fn skip_without_data() -> bool {
-    let missing = !Path::new(FASHION_MNIST).is_dir();
-    if missing {
-        eprintln!("SKIPPED: {FASHION_MNIST} missing (scripts/test.sh installs it)");
-    }
-    missing
 }
 
 /// lr 0.01: at the demo's lr 0.05 with momentum 0.9 the first steps are so
@@ -229,9 +209,7 @@ fn a_cancelled_job_stops_and_frees_its_workers() {
         return;
     }
     let cluster = Cluster::start(2);
-    let o = cluster.cli(&["submit", &mlp_spec(), "--set", "max_steps=1000000"]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let job = ringtrain_tests::stdout(&o).trim().to_string();
+    let job = cluster.submit(&mlp_spec(), &["max_steps=1000000"]);
     wait_for("the job to make progress", Duration::from_secs(60), || {
         let v = last_json(&cluster.cli(&["status", &job, "--json"]));
         (v["steps"].as_u64()? >= 3).then_some(())
