@@ -3,7 +3,6 @@
 
 mod bench;
 mod commands;
-mod local_cluster;
 mod settings;
 
 use std::process::ExitCode;

@@ -130,11 +130,24 @@ mod tests {
             epoch: 0,
             position: 128,
         };
-        let one = step_positions(cursor, 64, 60_000);
-        let four = step_positions(cursor, 4 * 16, 60_000);
-        assert_eq!(one, four);
-        let joined: Vec<u64> = (0..4).flat_map(|r| rank_slice(&four, r, 4)).collect();
-        assert_eq!(joined, one.collect::<Vec<_>>());
+        // 1 worker x 64 and 4 workers x 16, as their specs compute it.
+        let spec = |workers: usize, batch: usize| {
+            crate::jobspec::JobSpec::parse(
+                crate::jobspec::tests::EXAMPLE,
+                &[format!("workers={workers}"), format!("batch_size={batch}")],
+            )
+            .unwrap()
+        };
+        let one = step_positions(cursor, spec(1, 64).global_batch(1), 60_000);
+        let four = step_positions(cursor, spec(4, 16).global_batch(4), 60_000);
+        assert_eq!(one, 128..192);
+        assert_eq!(four, 128..192);
+        // The four slices are disjoint and together the whole step, in order.
+        let slices: Vec<Range<u64>> = (0..4).map(|r| rank_slice(&four, r, 4)).collect();
+        assert_eq!(slices, [128..144, 144..160, 160..176, 176..192]);
+        // An uneven split stays balanced and complete.
+        let odd: Vec<Range<u64>> = (0..3).map(|r| rank_slice(&(0..10), r, 3)).collect();
+        assert_eq!(odd, [0..4, 4..7, 7..10]);
     }
 
     #[test]

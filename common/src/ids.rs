@@ -25,7 +25,7 @@ impl std::str::FromStr for JobId {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         u64::from_str_radix(s.trim(), 16)
             .map(JobId)
-            .map_err(|_| format!("'{s}' is not a job id (16 hex digits)"))
+            .map_err(|_| format!("'{}' is not a job id (16 hex digits)", crate::quote(s)))
     }
 }
 
@@ -36,6 +36,18 @@ pub struct WorkerId(pub u64);
 impl fmt::Display for WorkerId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "w{}", self.0)
+    }
+}
+
+impl std::str::FromStr for WorkerId {
+    type Err = String;
+    /// `w12` (as printed) or `12`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let digits = s.trim().strip_prefix('w').unwrap_or(s.trim());
+        digits
+            .parse()
+            .map(WorkerId)
+            .map_err(|_| format!("'{}' is not a worker id (w<number>)", crate::quote(s)))
     }
 }
 
@@ -68,8 +80,19 @@ impl fmt::Display for RingGeneration {
 }
 
 /// Parameter version: the number of optimizer steps the parameters have taken.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+/// Serialized as the bare number (checkpoint.json, the job store).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(transparent)]
 pub struct ParamVersion(pub u64);
+
+impl ParamVersion {
+    /// The version after one more optimizer step.
+    pub fn next(self) -> Self {
+        Self(self.0 + 1)
+    }
+}
 
 impl fmt::Display for ParamVersion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -87,5 +110,21 @@ mod tests {
         assert_eq!(id.to_string(), "00abcdef01234567");
         assert_eq!("00abcdef01234567".parse::<JobId>(), Ok(id));
         assert!("not-hex".parse::<JobId>().is_err());
+    }
+
+    #[test]
+    fn worker_id_parses_as_printed_or_bare() {
+        assert_eq!(WorkerId(12).to_string(), "w12");
+        assert_eq!("w12".parse::<WorkerId>(), Ok(WorkerId(12)));
+        assert_eq!("12".parse::<WorkerId>(), Ok(WorkerId(12)));
+        let err = "wx".parse::<WorkerId>().unwrap_err();
+        assert_eq!(err, "'wx' is not a worker id (w<number>)");
+    }
+
+    #[test]
+    fn param_version_serializes_as_a_bare_number() {
+        let v = ParamVersion(41);
+        assert_eq!(serde_json::to_string(&v).unwrap(), "41");
+        assert_eq!(v.next(), ParamVersion(42));
     }
 }

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::wire::WireEncoding;
+use crate::wire::{TransportKind, WireEncoding};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -108,8 +108,8 @@ pub struct CheckpointSpec {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RingSpecOptions {
-    #[serde(default = "tcp")]
-    pub transport: String,
+    #[serde(default)]
+    pub transport: TransportKind,
     #[serde(default)]
     pub encoding: WireEncoding,
     /// Seconds a silent ring neighbour is tolerated.
@@ -117,9 +117,6 @@ pub struct RingSpecOptions {
     pub timeout_s: f64,
 }
 
-fn tcp() -> String {
-    "tcp".into()
-}
 fn ten() -> f64 {
     10.0
 }
@@ -127,7 +124,7 @@ fn ten() -> f64 {
 impl Default for RingSpecOptions {
     fn default() -> Self {
         Self {
-            transport: tcp(),
+            transport: TransportKind::Tcp,
             encoding: WireEncoding::F32,
             timeout_s: ten(),
         }
@@ -255,12 +252,6 @@ impl JobSpec {
         if self.epochs == 0 && self.max_steps == 0 {
             return Err(invalid("epochs", "or max_steps must be set (both are 0)"));
         }
-        if !matches!(self.ring.transport.as_str(), "tcp" | "grpc") {
-            return Err(invalid(
-                "ring.transport",
-                format!("'{}' is not supported (tcp or grpc)", self.ring.transport),
-            ));
-        }
         if !(self.ring.timeout_s.is_finite() && self.ring.timeout_s > 0.0) {
             return Err(invalid(
                 "ring.timeout_s",
@@ -337,7 +328,7 @@ fn apply_override(table: &mut toml::Table, o: &str) -> Result<(), SpecError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub const EXAMPLE: &str = r#"

@@ -1,12 +1,50 @@
-//! Pieces every ringtrain crate shares: id newtypes, the job spec, the data
-//! plan (which samples each step uses), the ring wire codec, metrics and
-//! tracing setup.
+//! Pieces every ringtrain crate shares: id newtypes and the job lifecycle's
+//! vocabulary, the job spec, the data plan (which samples each step uses),
+//! the ring wire codec, training curves, metrics, tracing setup, and the
+//! process and connection helpers the binary and the tests use.
 
+pub mod curve;
 pub mod data_plan;
 pub mod ids;
+pub mod job_state;
 pub mod jobspec;
+pub mod local_cluster;
 pub mod metrics;
+pub mod process;
+pub mod retry;
 pub mod telemetry;
+pub mod testing;
 pub mod wire;
+pub mod worker_api;
 
 pub use ids::{JobId, ParamVersion, Rank, RingGeneration, WorkerId};
+pub use job_state::JobState;
+
+/// Input quoted in an error message, cut to at most [`QUOTE_MAX`] characters:
+/// a peer's 100 KB string must not come back to it (or fill a log) whole.
+pub fn quote(input: &str) -> std::borrow::Cow<'_, str> {
+    match input.char_indices().nth(QUOTE_MAX) {
+        None => std::borrow::Cow::Borrowed(input),
+        Some((cut, _)) => {
+            std::borrow::Cow::Owned(format!("{}… ({} bytes)", &input[..cut], input.len()))
+        }
+    }
+}
+
+/// Characters of outside input that an error message quotes at most.
+pub const QUOTE_MAX: usize = 100;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn long_input_is_cut_when_quoted() {
+        assert_eq!(super::quote("short"), "short");
+        let long = "x".repeat(100_000);
+        let q = super::quote(&long);
+        assert!(q.len() < 130, "{}", q.len());
+        assert!(q.ends_with("… (100000 bytes)"), "{q}");
+        // Cut on a character boundary.
+        let wide = "é".repeat(200);
+        assert!(super::quote(&wide).starts_with(&"é".repeat(100)));
+    }
+}

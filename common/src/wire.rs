@@ -118,9 +118,44 @@ impl std::str::FromStr for WireEncoding {
             "f16" | "fp16" => Ok(Self::F16),
             "bf16" => Ok(Self::Bf16),
             other => Err(format!(
-                "unknown wire encoding '{other}' (expected f32, f16 or bf16)"
+                "unknown wire encoding '{}' (expected f32, f16 or bf16)",
+                crate::quote(other)
             )),
         }
+    }
+}
+
+/// Which transport carries ring frames between neighbours.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    /// Length-prefixed frames on a plain TCP connection: fewest copies.
+    #[default]
+    Tcp,
+    /// tonic bidirectional streaming.
+    Grpc,
+}
+
+impl std::str::FromStr for TransportKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "tcp" => Ok(Self::Tcp),
+            "grpc" => Ok(Self::Grpc),
+            other => Err(format!(
+                "unknown ring transport '{}' (expected tcp or grpc)",
+                crate::quote(other)
+            )),
+        }
+    }
+}
+
+impl fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Grpc => "grpc",
+        })
     }
 }
 

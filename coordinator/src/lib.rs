@@ -2,13 +2,22 @@
 //! workers, tells each worker its rank, checks that replicas agree, and
 //! streams progress to clients.
 //!
-//! - [`state`]: the one owner of jobs and workers (a struct behind one lock).
+//! - [`state`]: the one owner of jobs and workers, and every change to them
+//!   (methods that take `now` and return their effects).
 //! - [`scheduler`]: pure decisions (start a job, declare a worker lost).
-//! - [`service`]: the gRPC edge (client API and worker API).
-//! - [`store`]: the embedded job database (redb), so a restart loses no job.
+//! - [`service`]: the gRPC edge (client API and worker API): parse, change
+//!   the state, publish the effects ([`outbox`]).
+//! - [`convert`]: to and from gRPC messages and store records.
+//! - [`store`]: the embedded job database (redb) and its one writer thread,
+//!   so a restart loses no job.
+//! - [`metrics`], [`report`]: what effects become outside: Prometheus
+//!   metrics, and each job's metrics.csv/png.
 //! - [`server`]: wiring: listeners, periodic ticks, shutdown.
 
 pub mod config;
+pub mod convert;
+pub mod metrics;
+pub mod outbox;
 pub mod report;
 pub mod scheduler;
 pub mod server;

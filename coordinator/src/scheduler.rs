@@ -4,9 +4,9 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use ringtrain_common::{JobId, WorkerId};
+use ringtrain_common::{JobId, JobState, WorkerId};
 
-use crate::state::{Job, JobState, State};
+use crate::state::{Job, State};
 
 #[derive(Clone, Copy, Debug)]
 pub struct Timeouts {
@@ -176,18 +176,7 @@ mod tests {
 
     fn spec(workers: usize) -> JobSpec {
         JobSpec::parse(
-            r#"name = "t"
-model = "mlp"
-batch_size = 8
-workers = 1
-max_steps = 5
-[dataset]
-format = "idx"
-path = "/data"
-[optimizer]
-kind = "sgd"
-lr = 0.1
-"#,
+            ringtrain_common::testing::MINIMAL_SPEC,
             &[format!("workers={workers}")],
         )
         .unwrap()
@@ -238,7 +227,7 @@ lr = 0.1
                 last_heartbeat: last,
                 alive: true,
                 job: None,
-                last_step: 0,
+                last_step: Default::default(),
                 samples_per_s: 0.0,
             },
         );
@@ -247,7 +236,7 @@ lr = 0.1
     #[test]
     fn a_job_starts_once_enough_workers_are_idle() {
         let now = Instant::now();
-        let mut st = State::default();
+        let mut st = State::new(T, Default::default());
         add_job(&mut st, 1, 3);
         add_worker(&mut st, 1, now);
         add_worker(&mut st, 2, now);
@@ -266,7 +255,7 @@ lr = 0.1
     fn silent_workers_are_lost_and_not_scheduled() {
         let start = Instant::now();
         let now = start + Duration::from_secs(10);
-        let mut st = State::default();
+        let mut st = State::new(T, Default::default());
         add_job(&mut st, 1, 2);
         add_worker(&mut st, 1, start); // silent for 10 s
         add_worker(&mut st, 2, now);
@@ -288,7 +277,7 @@ lr = 0.1
     #[test]
     fn jobs_start_in_submission_order() {
         let now = Instant::now();
-        let mut st = State::default();
+        let mut st = State::new(T, Default::default());
         add_job(&mut st, 1, 2);
         add_job(&mut st, 2, 1);
         add_worker(&mut st, 1, now);
@@ -304,7 +293,7 @@ lr = 0.1
     fn a_lost_member_re_forms_the_ring_from_the_survivors() {
         let start = Instant::now();
         let now = start + Duration::from_secs(5);
-        let mut st = State::default();
+        let mut st = State::new(T, Default::default());
         for w in 1..=4 {
             add_worker(&mut st, w, if w == 3 { start } else { now });
         }
@@ -326,7 +315,7 @@ lr = 0.1
     #[test]
     fn a_suspect_named_by_a_ring_failure_is_lost_after_the_short_timeout() {
         let t0 = Instant::now();
-        let mut st = State::default();
+        let mut st = State::new(T, Default::default());
         for w in 1..=3 {
             add_worker(&mut st, w, t0);
         }
@@ -359,7 +348,7 @@ lr = 0.1
     #[test]
     fn a_suspect_that_heartbeats_is_kept_and_the_ring_retried() {
         let t0 = Instant::now();
-        let mut st = State::default();
+        let mut st = State::new(T, Default::default());
         for w in 1..=2 {
             add_worker(&mut st, w, t0);
         }
@@ -381,7 +370,7 @@ lr = 0.1
     fn below_min_workers_the_job_pauses_and_resumes_when_workers_come() {
         let start = Instant::now();
         let now = start + Duration::from_secs(5);
-        let mut st = State::default();
+        let mut st = State::new(T, Default::default());
         add_worker(&mut st, 1, now);
         add_worker(&mut st, 2, start);
         add_running(&mut st, 1, &[1, 2], 2, 2);
@@ -416,7 +405,7 @@ lr = 0.1
     #[test]
     fn idle_workers_join_a_running_job_up_to_max_workers() {
         let now = Instant::now();
-        let mut st = State::default();
+        let mut st = State::new(T, Default::default());
         for w in 1..=5 {
             add_worker(&mut st, w, now);
         }

@@ -41,6 +41,12 @@ pub async fn serve(
     health_reporter
         .set_serving::<pb::coordinator_server::CoordinatorServer<Coordinator>>()
         .await;
+    let closer = coordinator.clone();
+    // Watch streams would hold a graceful shutdown open until their jobs end.
+    let shutdown = async move {
+        shutdown.await;
+        closer.close_streams();
+    };
     let result = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(pb::coordinator_server::CoordinatorServer::new(
@@ -52,8 +58,8 @@ pub async fn serve(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
     tick.abort();
-    // Reports of jobs that just ended are still being drawn.
-    tokio::task::spawn_blocking(move || coordinator.finish_reports())
+    // Store writes and reports of jobs that just ended are still queued.
+    tokio::task::spawn_blocking(move || coordinator.finish_writes())
         .await
         .ok();
     Ok(result?)

@@ -3,8 +3,18 @@
 //!
 //! Each job is one row (JSON of [`JobRecord`]); counters that must stay
 //! monotonic across restarts (ring generations, worker ids) are in `meta`.
+//!
+//! All writes go through one [`StoreWriter`] thread, in the order they were
+//! asked for, so no disk I/O happens under the coordinator's state lock or on
+//! its async runtime. Writes that queue up while it is busy share one
+//! transaction (group commit).
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{mpsc, Mutex};
+use std::thread::JoinHandle;
+
+use tokio::sync::oneshot;
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -12,11 +22,20 @@ use serde::{Deserialize, Serialize};
 const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("job store {path}: {message}")]
 pub struct StoreError {
     path: String,
     message: String,
+}
+
+impl StoreError {
+    pub fn new(path: &Path, e: impl std::fmt::Display) -> Self {
+        Self {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        }
+    }
 }
 
 /// What survives a restart of one job.
@@ -88,16 +107,29 @@ impl Store {
         counters: Counters,
         durable: bool,
     ) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(job).map_err(|e| self.err(e))?;
+        self.put_batch(std::slice::from_ref(job), counters, durable)
+    }
+
+    /// Writes jobs and the counters in one transaction.
+    pub fn put_batch(
+        &self,
+        jobs: &[JobRecord],
+        counters: Counters,
+        durable: bool,
+    ) -> Result<(), StoreError> {
         let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
         if !durable {
             txn.set_durability(Durability::None)
                 .map_err(|e| self.err(e))?;
         }
         {
-            let mut jobs = txn.open_table(JOBS).map_err(|e| self.err(e))?;
-            jobs.insert(job.id, bytes.as_slice())
-                .map_err(|e| self.err(e))?;
+            let mut table = txn.open_table(JOBS).map_err(|e| self.err(e))?;
+            for job in jobs {
+                let bytes = serde_json::to_vec(job).map_err(|e| self.err(e))?;
+                table
+                    .insert(job.id, bytes.as_slice())
+                    .map_err(|e| self.err(e))?;
+            }
             let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
             meta.insert("next_generation", counters.next_generation)
                 .map_err(|e| self.err(e))?;
@@ -131,6 +163,114 @@ impl Store {
             next_worker: get("next_worker")?,
         };
         Ok((out, counters))
+    }
+}
+
+/// The answer to a durable write: Ok once it is on disk.
+pub type Durable = oneshot::Receiver<Result<(), StoreError>>;
+
+struct Write {
+    record: Option<JobRecord>,
+    counters: Counters,
+    durable: bool,
+    ack: Option<oneshot::Sender<Result<(), StoreError>>>,
+}
+
+/// The one thread that writes to the [`Store`].
+pub struct StoreWriter {
+    queue: Mutex<Option<(mpsc::Sender<Write>, JoinHandle<()>)>>,
+}
+
+impl StoreWriter {
+    pub fn start(store: Store) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("job-store".into())
+            .spawn(move || write_loop(&store, rx))?;
+        Ok(Self {
+            queue: Mutex::new(Some((tx, handle))),
+        })
+    }
+
+    /// Queues a write (`record: None` writes only the counters). A durable
+    /// write returns the receiver that says when it is on disk.
+    pub fn write(
+        &self,
+        record: Option<JobRecord>,
+        counters: Counters,
+        durable: bool,
+    ) -> Option<Durable> {
+        let (ack, done) = if durable {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let sent = queue.as_ref().is_some_and(|(tx, _)| {
+            tx.send(Write {
+                record,
+                counters,
+                durable,
+                ack,
+            })
+            .is_ok()
+        });
+        if !sent {
+            tracing::warn!("job store writer stopped; a write was dropped");
+        }
+        done
+    }
+
+    /// Writes what is queued and stops the thread (blocking; at shutdown).
+    pub fn finish(&self) {
+        let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some((tx, handle)) = queue {
+            drop(tx);
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for StoreWriter {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+fn write_loop(store: &Store, rx: mpsc::Receiver<Write>) {
+    let mut unflushed = None;
+    while let Ok(first) = rx.recv() {
+        let batch: Vec<Write> = std::iter::once(first).chain(rx.try_iter()).collect();
+        // The newest record of each job; the newest counters.
+        let mut newest: HashMap<u64, usize> = HashMap::new();
+        for (i, w) in batch.iter().enumerate() {
+            if let Some(r) = &w.record {
+                newest.insert(r.id, i);
+            }
+        }
+        let mut order: Vec<usize> = newest.into_values().collect();
+        order.sort_unstable();
+        let records: Vec<JobRecord> = order
+            .iter()
+            .filter_map(|&i| batch[i].record.clone())
+            .collect();
+        let counters = batch.last().map(|w| w.counters).unwrap_or_default();
+        let durable = batch.iter().any(|w| w.durable);
+        let result = store.put_batch(&records, counters, durable);
+        if let Err(e) = &result {
+            tracing::warn!(error = %e, "could not persist jobs");
+        }
+        unflushed = (!durable).then_some(counters);
+        for ack in batch.into_iter().filter_map(|w| w.ack) {
+            let _ = ack.send(result.clone());
+        }
+    }
+    // Stopping: progress written lazily goes to disk now.
+    if let Some(counters) = unflushed {
+        if let Err(e) = store.put_batch(&[], counters, true) {
+            tracing::warn!(error = %e, "could not flush the job store");
+        }
     }
 }
 
@@ -186,5 +326,32 @@ mod tests {
             err.starts_with("job store /proc/no/such/dir/jobs.redb:"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_writer_writes_in_order_and_acknowledges_durable_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.redb");
+        let counters = |n| Counters {
+            next_generation: n,
+            next_worker: n,
+        };
+        {
+            let writer = StoreWriter::start(Store::open(&path).unwrap()).unwrap();
+            assert!(writer
+                .write(Some(record(1, "pending")), counters(1), false)
+                .is_none());
+            writer.write(Some(record(1, "running")), counters(2), false);
+            writer.write(None, counters(3), false);
+            let done = writer
+                .write(Some(record(2, "pending")), counters(4), true)
+                .expect("a durable write is acknowledged");
+            assert!(done.blocking_recv().unwrap().is_ok());
+            writer.write(Some(record(1, "succeeded")), counters(5), false);
+            writer.finish();
+        }
+        let (jobs, c) = Store::open(&path).unwrap().load().unwrap();
+        assert_eq!(c, counters(5));
+        assert_eq!(jobs, vec![record(1, "succeeded"), record(2, "pending")]);
     }
 }

@@ -1,12 +1,19 @@
-//! Test-cluster harness: real `ringtrain` processes on loopback.
+//! Test-cluster harness: real `ringtrain` processes on this machine, through
+//! the same [`LocalCluster`] that `ringtrain local` and the benchmarks use
+//! (per-process logs, ready files, children die with the test, every child
+//! stopped on Drop, log tails printed when the test fails).
 //!
-//! Every process gets a log file in the cluster's temp dir and binds port 0;
-//! its ready file says where it listens. On Drop every child is killed, and
-//! if the test is failing the tail of every log is printed.
+//! A test that cannot do its real check here (no data set, no network
+//! namespaces, a missing tool) calls [`skip`]: outside CI that prints
+//! SKIPPED and the test returns; with `CI` set it fails with the reason,
+//! since CI's machine has everything.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+pub use ringtrain_common::local_cluster::{ClusterOptions, LocalCluster};
+pub use ringtrain_common::process::{Signal, Supervisor};
 
 /// The release binary built by scripts/test.sh (`cargo build --release`).
 pub fn ringtrain_bin() -> PathBuf {
@@ -27,6 +34,18 @@ pub fn ringtrain_bin() -> PathBuf {
 
 pub const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
 
+pub use ringtrain_common::testing::skip;
+
+/// [`skip`] where Fashion-MNIST is not installed (scripts/test.sh installs it).
+pub fn skip_without_data() -> bool {
+    let train = Path::new(FASHION_MNIST).join("train-images-idx3-ubyte.gz");
+    let plain = Path::new(FASHION_MNIST).join("train-images-idx3-ubyte");
+    !(train.is_file() || plain.is_file())
+        && skip(&format!(
+            "the Fashion-MNIST data set is missing from {FASHION_MNIST} (scripts/test.sh installs Debian's dataset-fashion-mnist)"
+        ))
+}
+
 /// The examples/ directory of the repository.
 pub fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
@@ -46,16 +65,6 @@ pub fn cnn_spec() -> String {
         .join("fashion-cnn.toml")
         .to_string_lossy()
         .into_owned()
-}
-
-/// True, after saying so, where Fashion-MNIST is not installed: tests that
-/// train skip there. scripts/test.sh installs it, so CI never skips them.
-pub fn skip_without_data() -> bool {
-    let missing = !Path::new(FASHION_MNIST).is_dir();
-    if missing {
-        eprintln!("SKIPPED: {FASHION_MNIST} missing (scripts/test.sh installs it)");
-    }
-    missing
 }
 
 /// Polls `check` until it returns Some or `timeout` passes.
@@ -101,26 +110,13 @@ pub fn last_json(o: &Output) -> serde_json::Value {
     serde_json::from_str(line).expect("JSON line")
 }
 
-struct Proc {
-    name: String,
-    child: Child,
-    log: PathBuf,
-    ready: serde_json::Value,
-}
-
+/// A coordinator and workers for one test, in a temporary directory.
 pub struct Cluster {
+    // Dropped first: the processes stop before their directory goes.
+    inner: LocalCluster,
     pub dir: tempfile::TempDir,
-    procs: Vec<Proc>,
+    /// `http://127.0.0.1:PORT`.
     pub coordinator: String,
-    workers_started: usize,
-    /// Address workers advertise to ring neighbours.
-    advertise: String,
-}
-
-fn tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 impl Cluster {
@@ -134,45 +130,30 @@ impl Cluster {
     /// namespace can reach).
     pub fn start_on(workers: usize, listen_ip: &str, advertise: &str) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut c = Cluster {
-            dir,
-            procs: Vec::new(),
-            coordinator: String::new(),
-            workers_started: 0,
-            advertise: advertise.to_string(),
+        let options = ClusterOptions {
+            program: ringtrain_bin(),
+            listen_ip: listen_ip.into(),
+            advertise: advertise.into(),
         };
-        let listen = format!("{listen_ip}:0");
-        let data = c.dir.path().join("data").to_string_lossy().into_owned();
-        let ready = c.spawn(
-            "coordinator",
-            &[
-                "coordinator",
-                "--listen",
-                &listen,
-                "--metrics-listen",
-                "127.0.0.1:0",
-                "--data-dir",
-                &data,
-            ],
-        );
-        let port = ready["grpc"]
-            .as_str()
-            .and_then(|a| a.rsplit(':').next())
-            .expect("grpc addr")
-            .to_string();
-        c.coordinator = format!("http://127.0.0.1:{port}");
-        for _ in 0..workers {
-            let url = c.coordinator.clone();
-            let advertise = c.advertise.clone();
-            c.start_worker_with(&[], &url, &format!("{listen_ip}:0"), &advertise);
+        let inner = LocalCluster::start(&dir.path().join("data"), workers, options)
+            .unwrap_or_else(|e| panic!("starting the cluster: {e}"));
+        Cluster {
+            coordinator: inner.coordinator_url.clone(),
+            inner,
+            dir,
         }
-        c
+    }
+
+    /// The coordinator's data dir (job store, default checkpoints).
+    pub fn data_dir(&self) -> &Path {
+        &self.inner.data_dir
     }
 
     /// Starts one more worker; returns its name.
     pub fn start_worker(&mut self) -> String {
-        let (url, advertise) = (self.coordinator.clone(), self.advertise.clone());
-        self.start_worker_with(&[], &url, "127.0.0.1:0", &advertise)
+        self.inner
+            .add_worker()
+            .unwrap_or_else(|e| panic!("starting a worker: {e}\n{}", self.inner.tails(20)))
     }
 
     /// Starts a worker through `wrapper` (e.g. `ip netns exec NS`), reaching
@@ -184,118 +165,25 @@ impl Cluster {
         listen: &str,
         advertise: &str,
     ) -> String {
-        let name = format!("worker-{}", self.workers_started);
-        self.workers_started += 1;
-        let args = [
-            "worker",
-            "--coordinator",
-            coordinator,
-            "--listen",
-            listen,
-            "--ring-listen",
-            listen,
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--advertise-host",
-            advertise,
-        ];
-        self.spawn_wrapped(&name, wrapper, &args);
-        name
+        self.inner
+            .add_worker_with(wrapper, coordinator, listen, advertise)
+            .unwrap_or_else(|e| panic!("starting a worker: {e}\n{}", self.inner.tails(20)))
     }
 
-    fn spawn(&mut self, name: &str, args: &[&str]) -> serde_json::Value {
-        self.spawn_wrapped(name, &[], args)
-    }
-
-    fn spawn_wrapped(&mut self, name: &str, wrapper: &[&str], args: &[&str]) -> serde_json::Value {
-        let n = self
-            .procs
-            .iter()
-            .filter(|p| p.name.starts_with(name))
-            .count();
-        let log = self.dir.path().join(format!("{name}-{n}.log"));
-        let ready = self.dir.path().join(format!("{name}.ready"));
-        let file = std::fs::File::create(&log).expect("log file");
-        let bin = ringtrain_bin();
-        let mut cmd = match wrapper.split_first() {
-            Some((prog, rest)) => {
-                let mut c = Command::new(prog);
-                c.args(rest).arg(&bin);
-                c
-            }
-            None => Command::new(&bin),
-        };
-        let child = cmd
-            .args(args)
-            .arg("--ready-file")
-            .arg(&ready)
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("log"))
-            .stderr(file)
-            .spawn()
-            .expect("spawn ringtrain");
-        self.procs.push(Proc {
-            name: name.to_string(),
-            child,
-            log: log.clone(),
-            ready: serde_json::Value::Null,
-        });
-        let value: serde_json::Value = wait_for(
-            &format!("{name} to be ready"),
-            Duration::from_secs(30),
-            || {
-                let text = std::fs::read_to_string(&ready).ok()?;
-                serde_json::from_str(&text).ok()
-            },
-        );
-        if let Some(p) = self.procs.last_mut() {
-            p.ready = value.clone();
-        }
-        value
-    }
-
-    fn proc(&mut self, name: &str) -> &mut Proc {
-        self.procs
-            .iter_mut()
-            .find(|p| p.name == name)
-            .unwrap_or_else(|| panic!("no process {name}"))
-    }
-
-    /// Starts a new coordinator on the same address and data dir as the
-    /// first one (after that one was killed).
+    /// kill -9 of the coordinator, then a new one on the same address and
+    /// data dir.
     pub fn restart_coordinator(&mut self) {
-        let addr = self.coordinator.trim_start_matches("http://").to_string();
-        let data = self.dir.path().join("data").to_string_lossy().into_owned();
-        if let Some(p) = self.procs.iter_mut().find(|p| p.name == "coordinator") {
-            let _ = p.child.kill();
-            let _ = p.child.wait();
-            p.name = "coordinator (old)".into();
-        }
-        let ready = self.dir.path().join("coordinator.ready");
-        let _ = std::fs::remove_file(&ready);
-        self.spawn(
-            "coordinator",
-            &[
-                "coordinator",
-                "--listen",
-                &addr,
-                "--metrics-listen",
-                "127.0.0.1:0",
-                "--data-dir",
-                &data,
-            ],
-        );
+        self.inner
+            .restart_coordinator()
+            .unwrap_or_else(|e| panic!("restarting the coordinator: {e}"));
+        self.coordinator = self.inner.coordinator_url.clone();
     }
 
-    /// Sends `signal` (e.g. "KILL", "STOP", "CONT") to a process.
-    pub fn signal(&mut self, name: &str, signal: &str) {
-        let pid = self.proc(name).child.id().to_string();
-        let ok = Command::new("kill")
-            .args([&format!("-{signal}"), &pid])
-            .status()
-            .expect("kill")
-            .success();
-        assert!(ok, "kill -{signal} {name}");
+    /// Sends `signal` to a process.
+    pub fn signal(&mut self, name: &str, signal: Signal) {
+        self.inner
+            .signal(name, signal)
+            .unwrap_or_else(|e| panic!("signal {signal:?} to {name}: {e}"));
     }
 
     /// `ringtrain ARGS --coordinator URL`.
@@ -319,10 +207,24 @@ impl Cluster {
         stdout(&o).trim().to_string()
     }
 
+    /// `ringtrain submit SPEC --set S... --watch --json` to the job's end;
+    /// returns its final status line (the submission must succeed).
+    pub fn submit_and_watch(&self, spec: &str, sets: &[&str]) -> serde_json::Value {
+        let mut args = vec!["submit", spec, "--watch", "--json"];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        let o = self.cli(&args);
+        assert!(o.status.success(), "submit --watch failed: {}", stderr(&o));
+        last_json(&o)
+    }
+
     /// GET /metrics of a process.
-    pub fn metrics(&mut self, name: &str) -> String {
-        let addr = self.proc(name).ready["metrics"]
-            .as_str()
+    pub fn metrics(&self, name: &str) -> String {
+        let addr = self
+            .inner
+            .ready(name)
+            .and_then(|r| r["metrics"].as_str())
             .unwrap_or_else(|| panic!("{name} serves no metrics"))
             .to_string();
         http_get(&addr, "/metrics")
@@ -333,8 +235,12 @@ impl Cluster {
         last_json(&self.cli(&["status", job, "--json"]))
     }
 
-    pub fn log(&mut self, name: &str) -> String {
-        std::fs::read_to_string(&self.proc(name).log).unwrap_or_default()
+    /// What (the newest process called) `name` has logged so far.
+    pub fn log(&self, name: &str) -> String {
+        self.inner
+            .log_path(name)
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
     }
 }
 
@@ -352,23 +258,4 @@ pub fn http_get(addr: &str, path: &str) -> String {
     text.split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
         .unwrap_or_default()
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for p in &mut self.procs {
-            let _ = p.child.kill();
-            let _ = p.child.wait();
-        }
-        if std::thread::panicking() {
-            for p in &self.procs {
-                eprintln!(
-                    "----- last lines of {} ({}) -----\n{}",
-                    p.name,
-                    p.log.display(),
-                    tail(&p.log, 30)
-                );
-            }
-        }
-    }
 }

@@ -1,11 +1,9 @@
 //! The ring all-reduce across real processes: a killed neighbour makes the
 //! survivors fail fast, naming it.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ringtrain_tests::ringtrain_bin;
+use ringtrain_tests::{ringtrain_bin, wait_for, Supervisor};
 
 #[test]
 fn bench_allreduce_prints_the_gloo_fields() {
@@ -39,77 +37,75 @@ fn bench_allreduce_prints_the_gloo_fields() {
 
 #[test]
 fn killing_a_rank_fails_its_neighbours_within_the_deadline() {
-    let world = 3;
-    let deadline_s = 3;
-    let mut ranks = Vec::new();
-    let mut readers = Vec::new();
-    let mut addrs = Vec::new();
+    let (world, deadline_s) = (3, 3);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut ranks = Supervisor::new(dir.path()).expect("supervisor");
+    let peers = dir.path().join("peers.json");
     for rank in 0..world {
-        let mut child = Command::new(ringtrain_bin())
-            .args(["bench", "allreduce-rank", "--rank", &rank.to_string()])
-            .args([
-                "--world",
-                &world.to_string(),
-                "--elements",
-                "2000000",
-                "--reps",
-                "100000",
-            ])
-            .args(["--timeout-s", &deadline_s.to_string(), "--progress"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn rank");
-        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut line = String::new();
-        out.read_line(&mut line).expect("READY");
-        addrs.push(
-            line.trim()
-                .strip_prefix("READY ")
-                .expect("READY line")
-                .to_string(),
+        let (rank_arg, result) = (
+            rank.to_string(),
+            dir.path().join(format!("rank-{rank}.json")),
         );
-        readers.push(out);
-        ranks.push(child);
+        let args = [
+            "bench",
+            "allreduce-rank",
+            "--rank",
+            &rank_arg,
+            "--world",
+            "3",
+            "--elements",
+            "2000000",
+            "--reps",
+            "100000",
+            "--timeout-s",
+            "3",
+            "--progress",
+            "--peers-file",
+            peers.to_str().expect("path"),
+            "--result-file",
+            result.to_str().expect("path"),
+        ];
+        ranks
+            .spawn(&format!("rank-{rank}"), &[], &ringtrain_bin(), &args)
+            .expect("spawn rank");
     }
-    let peers = format!("PEERS {}\n", addrs.join(" "));
-    for r in &mut ranks {
-        r.stdin
-            .as_mut()
-            .expect("stdin")
-            .write_all(peers.as_bytes())
-            .expect("peers");
-    }
+    let addrs: Vec<String> = (0..world)
+        .map(|rank| {
+            let ready = ranks
+                .wait_ready(&format!("rank-{rank}"), Duration::from_secs(30))
+                .expect("rank ready");
+            ready["addr"].as_str().expect("addr").to_string()
+        })
+        .collect();
+    std::fs::write(
+        dir.path().join("peers.tmp"),
+        serde_json::to_vec(&addrs).expect("json"),
+    )
+    .expect("peers");
+    std::fs::rename(dir.path().join("peers.tmp"), &peers).expect("peers");
     // Wait until every rank is mid-run.
-    for out in &mut readers {
-        let mut line = String::new();
-        while !line.starts_with("REP 2") {
-            line.clear();
-            assert!(
-                out.read_line(&mut line).expect("progress") > 0,
-                "rank exited early"
-            );
-        }
+    for rank in 0..world {
+        let log = ranks
+            .get(&format!("rank-{rank}"))
+            .expect("rank")
+            .log
+            .clone();
+        wait_for("the ranks to be mid-run", Duration::from_secs(60), || {
+            let text = std::fs::read_to_string(&log).ok()?;
+            text.lines().any(|l| l == "REP 2").then_some(())
+        });
     }
-    let mut victim = ranks.pop().expect("rank 2");
-    victim.kill().expect("kill -9 rank 2");
+    ranks.kill("rank-2").expect("kill -9 rank 2");
     let killed_at = Instant::now();
-    for (rank, child) in ranks.iter_mut().enumerate() {
-        let status = loop {
-            if let Some(s) = child.try_wait().expect("wait") {
-                break s;
-            }
-            assert!(
-                killed_at.elapsed() < Duration::from_secs(deadline_s + 5),
-                "rank {rank} still running after the deadline"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
+    for rank in 0..2 {
+        let name = format!("rank-{rank}");
+        let status = ranks
+            .wait_exit(&name, Duration::from_secs(deadline_s + 5))
+            .expect("wait")
+            .unwrap_or_else(|| panic!("rank {rank} still running after the deadline"));
+        assert!(killed_at.elapsed() < Duration::from_secs(deadline_s + 5));
         assert!(!status.success(), "rank {rank} must fail");
-        let mut err = String::new();
-        std::io::Read::read_to_string(child.stderr.as_mut().expect("stderr"), &mut err)
-            .expect("stderr");
+        let err = std::fs::read_to_string(&ranks.get(&name).expect("rank").log).expect("log");
         assert!(err.contains("error:"), "rank {rank}: {err}");
         if rank == 0 {
             // Rank 0 receives from rank 2.
@@ -119,5 +115,4 @@ fn killing_a_rank_fails_its_neighbours_within_the_deadline() {
             );
         }
     }
-    let _ = victim.wait();
 }

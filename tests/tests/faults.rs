@@ -6,7 +6,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use ringtrain_tests::{last_json, mlp_spec, run, skip_without_data, stderr, wait_for, Cluster};
+use ringtrain_tests::{
+    last_json, mlp_spec, run, skip_without_data, stderr, wait_for, Cluster, Signal,
+};
 
 fn steps(v: &serde_json::Value) -> u64 {
     v["steps"].as_u64().unwrap_or(0)
@@ -23,7 +25,7 @@ fn wait_end(cluster: &Cluster, job: &str) -> serde_json::Value {
 /// global batch).
 fn audited_epochs(cluster: &Cluster) -> BTreeMap<u64, Vec<u32>> {
     let mut by_version: BTreeMap<u64, (u64, Vec<u32>)> = BTreeMap::new();
-    let root = cluster.dir.path().join("data");
+    let root = cluster.data_dir().to_path_buf();
     for job_dir in std::fs::read_dir(&root).expect("data dir").flatten() {
         let samples = job_dir.path().join("samples");
         let Ok(files) = std::fs::read_dir(&samples) else {
@@ -134,7 +136,7 @@ fn killing_one_of_four_workers_loses_no_sample_and_accuracy_holds() {
         },
     );
     let killed = Instant::now();
-    cluster.signal(&victim, "KILL");
+    cluster.signal(&victim, Signal::Kill);
     let recovery = next_step_of_new_ring(
         &cluster,
         &job,
@@ -169,7 +171,7 @@ fn a_paused_worker_is_fenced_off_and_rejoins_as_a_new_member() {
         let v = cluster.status(&job);
         (steps(&v) >= 5).then_some(v)
     });
-    cluster.signal("worker-2", "STOP");
+    cluster.signal("worker-2", Signal::Stop);
     let stopped = Instant::now();
     next_step_of_new_ring(
         &cluster,
@@ -179,7 +181,7 @@ fn a_paused_worker_is_fenced_off_and_rejoins_as_a_new_member() {
     );
     let v = cluster.status(&job);
     assert_eq!(v["ring_workers"], 2, "the others go on without it: {v}");
-    cluster.signal("worker-2", "CONT");
+    cluster.signal("worker-2", Signal::Cont);
     // It comes back under a new identity and joins at a step boundary.
     wait_for(
         "the paused worker to rejoin",
@@ -270,7 +272,7 @@ fn the_job_survives_a_coordinator_killed_and_restarted() {
     wait_for("progress", Duration::from_secs(60), || {
         (steps(&cluster.status(&job)) >= 30).then_some(())
     });
-    cluster.signal("coordinator", "KILL");
+    cluster.signal("coordinator", Signal::Kill);
     cluster.restart_coordinator();
     let v = cluster.status(&job);
     assert!(

@@ -6,7 +6,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use ringtrain_tests::{mlp_spec, skip_without_data, stderr, wait_for, Cluster};
+use ringtrain_tests::{mlp_spec, skip, skip_without_data, stderr, wait_for, Cluster};
 
 const HOST_IP: &str = "169.254.77.1";
 const NS_IP: &str = "169.254.77.2";
@@ -93,7 +93,7 @@ fn a_partitioned_worker_is_dropped_and_rejoins_when_the_link_returns() {
     let ns = match NetNs::create() {
         Ok(ns) => ns,
         Err(e) => {
-            eprintln!("SKIPPED: cannot make a network namespace here ({e})");
+            skip(&format!("cannot make a network namespace here ({e})"));
             return;
         }
     };

@@ -6,12 +6,47 @@ use std::process::Command;
 use std::time::Duration;
 
 use ringtrain_tests::{
-    last_json, mlp_spec, ringtrain_bin, skip_without_data, stderr, stdout, Cluster,
+    mlp_spec, ringtrain_bin, skip_without_data, stderr, stdout, Cluster, Signal,
 };
+
+/// `ringtrain plot JOB -o PNG --csv CSV` against the cluster.
+fn plot(cluster: &Cluster, job: &str, png: &Path, csv: &Path) -> std::process::Output {
+    let (png, csv) = (png.to_str().expect("path"), csv.to_str().expect("path"));
+    cluster.cli(&["plot", job, "-o", png, "--csv", csv])
+}
 
 fn is_png(path: &Path) -> bool {
     let bytes = std::fs::read(path).unwrap_or_default();
     bytes.len() > 5_000 && bytes.starts_with(b"\x89PNG\r\n\x1a\n")
+}
+
+/// Dark pixels (text, axes) in the top band of an RGB PNG, away from the
+/// side axes (where the title is drawn), and whether any pixel is blue (the
+/// loss curve).
+fn ink(path: &Path) -> (usize, bool) {
+    let decoder = png::Decoder::new(std::fs::File::open(path).expect("png"));
+    let mut reader = decoder.read_info().expect("png header");
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).expect("png frame");
+    assert_eq!(info.color_type, png::ColorType::Rgb, "an RGB chart");
+    let width = info.width as usize;
+    let pixel = |x: usize, y: usize| {
+        let i = (y * width + x) * 3;
+        (buf[i], buf[i + 1], buf[i + 2])
+    };
+    let mut dark = 0;
+    let mut blue = false;
+    for y in 0..info.height as usize {
+        for x in 0..width {
+            let (r, g, b) = pixel(x, y);
+            let title_band = y < 40 && (100..width - 100).contains(&x);
+            if title_band && r < 100 && g < 100 && b < 100 {
+                dark += 1;
+            }
+            blue |= b > 200 && r < 60 && g < 60;
+        }
+    }
+    (dark, blue)
 }
 
 #[test]
@@ -21,18 +56,7 @@ fn a_finished_job_has_its_curve_as_csv_and_png_and_plot_draws_it() {
     }
     let cluster = Cluster::start(2);
     let spec = mlp_spec();
-    let o = cluster.cli(&[
-        "submit",
-        &spec,
-        "--set",
-        "max_steps=30",
-        "--set",
-        "eval_every_steps=10",
-        "--watch",
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let v = last_json(&o);
+    let v = cluster.submit_and_watch(&spec, &["max_steps=30", "eval_every_steps=10"]);
     let job = v["job"].as_str().expect("job").to_string();
     let dir = Path::new(v["checkpoint_dir"].as_str().expect("dir")).to_path_buf();
 
@@ -64,14 +88,7 @@ fn a_finished_job_has_its_curve_as_csv_and_png_and_plot_draws_it() {
     let out = tempfile::tempdir().expect("tempdir");
     let png = out.path().join("curve.png");
     let csv_out = out.path().join("curve.csv");
-    let o = cluster.cli(&[
-        "plot",
-        &job,
-        "-o",
-        png.to_str().expect("path"),
-        "--csv",
-        csv_out.to_str().expect("path"),
-    ]);
+    let o = plot(&cluster, &job, &png, &csv_out);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("curve.png"));
     assert!(is_png(&png));
@@ -85,6 +102,32 @@ fn a_finished_job_has_its_curve_as_csv_and_png_and_plot_draws_it() {
         .expect("run ringtrain");
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(is_png(&out.path().join(format!("{job}.png"))));
+
+    // Where no font can be had, the chart is drawn all the same, without
+    // text: the title band is blank, the curve is there, and the user is
+    // told why.
+    let bare = out.path().join("bare.png");
+    let o = Command::new(ringtrain_bin())
+        .args(["plot", &job, "--coordinator", &cluster.coordinator, "-o"])
+        .arg(&bare)
+        .env("RINGTRAIN_FONT", out.path().join("no-such-font.ttf"))
+        .output()
+        .expect("run ringtrain");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no font for chart text"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(is_png(&bare));
+    let (with_text, curve) = ink(&png);
+    let (without_text, bare_curve) = ink(&bare);
+    assert!(curve && bare_curve, "both charts draw the loss curve");
+    assert!(
+        with_text > 100,
+        "the title is drawn with a font ({with_text} dark pixels)"
+    );
+    assert_eq!(without_text, 0, "no text without a font");
 
     let o = cluster.cli(&["plot", "0123456789abcdef"]);
     assert!(!o.status.success());
@@ -127,7 +170,7 @@ fn a_restarted_coordinator_keeps_the_curve_from_before() {
     ringtrain_tests::wait_for("step 60", Duration::from_secs(60), || {
         (steps(&cluster) >= 60).then_some(())
     });
-    cluster.signal("coordinator", "KILL");
+    cluster.signal("coordinator", Signal::Kill);
     cluster.restart_coordinator();
     let end = ringtrain_tests::wait_for("the end", Duration::from_secs(120), || {
         let v = cluster.status(&job);
@@ -156,19 +199,12 @@ fn a_restarted_coordinator_keeps_the_curve_from_before() {
     assert!(steps.len() >= 200, "{} rows", steps.len());
 
     // Restarted again after the end: `plot` draws from the job's metrics.csv.
-    cluster.signal("coordinator", "KILL");
+    cluster.signal("coordinator", Signal::Kill);
     cluster.restart_coordinator();
     let out = tempfile::tempdir().expect("tempdir");
     let png = out.path().join("after.png");
     let csv_out = out.path().join("after.csv");
-    let o = cluster.cli(&[
-        "plot",
-        &job,
-        "-o",
-        png.to_str().expect("path"),
-        "--csv",
-        csv_out.to_str().expect("path"),
-    ]);
+    let o = plot(&cluster, &job, &png, &csv_out);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(is_png(&png));
     assert_eq!(std::fs::read_to_string(&csv_out).expect("csv"), csv);

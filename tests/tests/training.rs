@@ -152,20 +152,9 @@ fn submit_watch_status_and_metrics_against_a_live_cluster() {
     if skip_without_data() {
         return;
     }
-    let mut cluster = Cluster::start(2);
+    let cluster = Cluster::start(2);
     let spec = mlp_spec();
-    let o = cluster.cli(&[
-        "submit",
-        &spec,
-        "--set",
-        "max_steps=40",
-        "--set",
-        "eval_every_steps=20",
-        "--watch",
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let v = last_json(&o);
+    let v = cluster.submit_and_watch(&spec, &["max_steps=40", "eval_every_steps=20"]);
     assert_eq!(v["state"], "succeeded");
     assert_eq!(v["steps"], 40);
     assert_eq!(v["workers"], 2);

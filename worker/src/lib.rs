@@ -3,7 +3,8 @@
 //!
 //! - [`ring`]: the ring all-reduce (engine, TCP and gRPC transports).
 //! - [`data`], [`model`], [`optim`], [`checkpoint`]: what a training step needs.
-//! - [`trainer`]: the per-job training loop.
+//! - [`trainer`]: the per-job training loop; [`sync`]: how the members of a
+//!   new ring generation agree on the state to start from.
 //! - [`service`]: the worker process (registration, heartbeats, ring endpoints).
 
 pub mod checkpoint;
@@ -13,4 +14,5 @@ pub mod model;
 pub mod optim;
 pub mod ring;
 pub mod service;
+pub mod sync;
 pub mod trainer;

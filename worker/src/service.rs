@@ -4,23 +4,24 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ringtrain_common::jobspec::JobSpec;
 use ringtrain_common::metrics::Metrics;
-use ringtrain_common::{JobId, Rank, RingGeneration};
+use ringtrain_common::retry::{retry, Backoff, GaveUp};
+use ringtrain_common::worker_api::{Assignment, Registration};
+use ringtrain_common::{JobId, RingGeneration, WorkerId};
 use ringtrain_proto as pb;
+use ringtrain_proto::convert::parse_worker;
 use ringtrain_proto::worker_control_client::WorkerControlClient;
 use tokio::net::TcpListener;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{error, info, warn};
 
 use crate::config::WorkerConfig;
-use crate::ring::{grpc, tcp, RingEndpoints, TransportKind};
-use crate::trainer::{self, AbortSlot, Assignment, StateSlot, TrainerContext};
+use crate::ring::{grpc, tcp, RingEndpoints};
+use crate::trainer::{self, AbortSlot, StateSlot, TrainerContext};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -43,11 +44,15 @@ pub struct Listeners {
 pub struct Ready {
     pub grpc: SocketAddr,
     pub ring: SocketAddr,
-    pub worker_id: String,
+    pub worker_id: WorkerId,
 }
 
+/// How long shutdown waits for a trainer to stop (it stops at its next step
+/// boundary, or after its current checkpoint or report).
+const TRAINER_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
 struct Running {
-    key: (String, u64),
+    key: (JobId, RingGeneration),
     cancel: Arc<AtomicBool>,
     abort: AbortSlot,
     thread: std::thread::JoinHandle<()>,
@@ -83,23 +88,26 @@ async fn connect(url: &str, timeout: Duration) -> Result<Channel, WorkerError> {
         .timeout(Duration::from_secs(10))
         .tcp_nodelay(true);
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut backoff = Duration::from_millis(50);
-    loop {
-        match endpoint.connect().await {
-            Ok(ch) => return Ok(ch),
-            Err(e) if tokio::time::Instant::now() + backoff < deadline => {
-                tracing::debug!(error = %e, "coordinator not reachable yet");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-            }
-            Err(e) => {
-                let cause = std::error::Error::source(&e)
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|| e.to_string());
-                return Err(unreachable(format!("{cause} (gave up after {timeout:?})")));
-            }
-        }
-    }
+    let backoff = Backoff {
+        first: Duration::from_millis(50),
+        max: Duration::from_secs(1),
+    };
+    retry(
+        deadline,
+        backoff,
+        || endpoint.connect(),
+        |e| tracing::debug!(error = %e, "coordinator not reachable yet"),
+    )
+    .await
+    .map_err(|gave_up| {
+        let cause = match gave_up {
+            GaveUp::Failed(e) => std::error::Error::source(&e)
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| e.to_string()),
+            GaveUp::Deadline => "no answer".to_string(),
+        };
+        unreachable(format!("{cause} (gave up after {timeout:?})"))
+    })
 }
 
 /// The local IP that traffic to the coordinator leaves from: what ring
@@ -111,20 +119,6 @@ fn local_ip_towards(url: &str) -> Option<std::net::IpAddr> {
         .next()?;
     let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     s.local_addr().ok().map(|a| a.ip())
-}
-
-fn to_assignment(a: pb::Assignment) -> Result<Assignment, String> {
-    let spec = JobSpec::parse(&a.spec_toml, &[]).map_err(|e| e.to_string())?;
-    Ok(Assignment {
-        job: a.job_id.parse::<JobId>()?,
-        generation: RingGeneration(a.ring_generation),
-        rank: Rank(a.rank),
-        members: a.members,
-        transport: a.transport.parse::<TransportKind>()?,
-        spec,
-        resume_from: (!a.resume_from.is_empty()).then(|| PathBuf::from(a.resume_from)),
-        checkpoint_dir: PathBuf::from(a.checkpoint_dir),
-    })
 }
 
 /// Runs the worker until `shutdown` resolves. `on_ready` is called once the
@@ -174,27 +168,29 @@ pub async fn run(
     } else {
         config.advertise_host.clone()
     };
-    let register = pb::RegisterWorkerRequest {
+    let registration = Registration {
         grpc_addr: format!("{host}:{}", grpc_addr.port()),
         ring_addr: format!("{host}:{}", ring_addr.port()),
         hostname: std::env::var("HOSTNAME").unwrap_or_default(),
         pid: std::process::id(),
     };
-    let registration_error = |e: tonic::Status| WorkerError::Registration {
+    let register = pb::RegisterWorkerRequest::from(&registration);
+    let registration_error = |cause: String| WorkerError::Registration {
         url: url.clone(),
-        cause: e.message().to_string(),
+        cause,
     };
     let reg = client
         .register_worker(register.clone())
         .await
-        .map_err(registration_error)?
+        .map_err(|e| registration_error(e.message().to_string()))?
         .into_inner();
-    let mut worker_id = reg.worker_id;
-    info!(worker = %worker_id, grpc = %register.grpc_addr, ring = %register.ring_addr, "registered with coordinator");
+    let mut worker_id =
+        parse_worker(&reg.worker_id).map_err(|e| registration_error(e.to_string()))?;
+    info!(worker = %worker_id, grpc = %registration.grpc_addr, ring = %registration.ring_addr, "registered with coordinator");
     on_ready(&Ready {
         grpc: grpc_addr,
         ring: ring_addr,
-        worker_id: worker_id.clone(),
+        worker_id,
     });
 
     let progress = Arc::new(AtomicU64::new(0));
@@ -212,11 +208,13 @@ pub async fn run(
             _ = &mut shutdown => break,
             _ = every.tick() => {}
         }
-        let (job_id, generation) = current.as_ref().map(|r| r.key.clone()).unwrap_or_default();
         let beat = pb::HeartbeatRequest {
-            worker_id: worker_id.clone(),
-            job_id,
-            ring_generation: generation,
+            worker_id: worker_id.to_string(),
+            job_id: current
+                .as_ref()
+                .map(|r| r.key.0.to_string())
+                .unwrap_or_default(),
+            ring_generation: current.as_ref().map_or(0, |r| r.key.1 .0),
             param_version: progress.load(Ordering::Relaxed),
         };
         let resp = match client.heartbeat(beat).await {
@@ -234,17 +232,24 @@ pub async fn run(
                 previous = Some(r.stop());
             }
             match client.register_worker(register.clone()).await {
-                Ok(r) => {
-                    worker_id = r.into_inner().worker_id;
-                    info!(worker = %worker_id, "registered again");
-                }
+                Ok(r) => match parse_worker(&r.into_inner().worker_id) {
+                    Ok(id) => {
+                        worker_id = id;
+                        info!(worker = %worker_id, "registered again");
+                    }
+                    Err(e) => warn!(error = %e, "re-registration answered with a bad id"),
+                },
                 Err(e) => warn!(error = %e.message(), "re-registration failed"),
             }
             continue;
         }
-        let desired = resp
-            .assignment
-            .map(|a| ((a.job_id.clone(), a.ring_generation), a));
+        let desired = match resp.assignment.map(Assignment::try_from).transpose() {
+            Ok(a) => a.map(|a| ((a.job, a.generation), a)),
+            Err(e) => {
+                error!(error = %e, "unusable assignment");
+                continue;
+            }
+        };
         let same = match (&current, &desired) {
             (Some(r), Some((key, _))) => &r.key == key,
             (None, None) => true,
@@ -254,22 +259,17 @@ pub async fn run(
             continue;
         }
         if let Some(r) = current.take() {
-            info!(job = %r.key.0, generation = r.key.1, "leaving ring generation");
+            info!(job = %r.key.0, generation = %r.key.1, "leaving ring generation");
             previous = Some(r.stop());
         }
-        let Some((key, a)) = desired else { continue };
-        let assignment = match to_assignment(a) {
-            Ok(a) => a,
-            Err(e) => {
-                error!(error = %e, "unusable assignment");
-                continue;
-            }
+        let Some((key, assignment)) = desired else {
+            continue;
         };
         info!(job = %assignment.job, generation = %assignment.generation, rank = %assignment.rank, world = assignment.members.len(), "joining ring");
         let cancel = Arc::new(AtomicBool::new(false));
         let abort: AbortSlot = Arc::default();
         let ctx = TrainerContext {
-            worker_id: worker_id.clone(),
+            worker_id,
             assignment,
             client: client.clone(),
             runtime: tokio::runtime::Handle::current(),
@@ -298,10 +298,25 @@ pub async fn run(
         });
     }
     info!("shutting down");
-    if let Some(r) = current.take() {
-        r.stop();
+    // Stop the trainers and wait for them: a checkpoint being written is
+    // finished, and no thread is left writing as the process exits.
+    let trainers: Vec<_> = current
+        .take()
+        .map(Running::stop)
+        .into_iter()
+        .chain(previous)
+        .collect();
+    let joined = tokio::task::spawn_blocking(move || {
+        for t in trainers {
+            let _ = t.join();
+        }
+    });
+    if tokio::time::timeout(TRAINER_STOP_TIMEOUT, joined)
+        .await
+        .is_err()
+    {
+        warn!(timeout = ?TRAINER_STOP_TIMEOUT, "the trainer did not stop in time; exiting without it");
     }
-    drop(previous);
     let _ = stop_tx.send(true);
     let _ = server.await;
     Ok(())

@@ -2,13 +2,13 @@
 //! blocking: libtorch and the ring). It talks to the coordinator through the
 //! runtime handle.
 //!
-//! A worker's training state ([`JobState`]: parameters, momentum, version,
-//! shard cursor, model and data) outlives ring generations: when a ring
-//! breaks or grows, the trainer leaves the generation, the state waits in the
-//! worker's [`StateSlot`], and the next generation's trainer picks it up.
-//! Each generation starts with a sync: members exchange (version, cursor)
-//! through the ring, agree on the newest version, and the lowest rank holding
-//! it broadcasts parameters and momentum to the others if any is behind.
+//! A worker's training state ([`TrainingState`]: parameters, momentum,
+//! version, shard cursor, model and data) outlives ring generations: when a
+//! ring breaks or grows, the trainer leaves the generation, the state waits
+//! in the worker's [`StateSlot`], and the next generation's trainer picks it
+//! up. Each generation starts with a sync ([`crate::sync`]): members agree on
+//! the newest version, and the lowest rank holding it broadcasts parameters
+//! and momentum to the others if any is behind.
 //!
 //! Each step: take this rank's slice of the step's global batch, forward and
 //! backward with the loss scaled by 1/global_batch, ring all-reduce (sum) of
@@ -22,9 +22,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ringtrain_common::data_plan::{self, ShardCursor};
-use ringtrain_common::jobspec::JobSpec;
 use ringtrain_common::metrics::Metrics;
-use ringtrain_common::{JobId, Rank, RingGeneration};
+use ringtrain_common::worker_api::{
+    Assignment, CheckpointReport, EvalReport, FinishReport, RingFailureReport, StepReport,
+};
+use ringtrain_common::{JobId, ParamVersion, WorkerId};
 use ringtrain_proto as pb;
 use ringtrain_proto::worker_control_client::WorkerControlClient;
 use tonic::transport::Channel;
@@ -35,43 +37,31 @@ use crate::data::{self, Split};
 use crate::model::Model;
 use crate::optim::Sgd;
 use crate::ring::transport::LinkAbort;
-use crate::ring::{ReduceOp, Ring, RingEndpoints, RingError, RingOptions, RingSpec, TransportKind};
-
-/// What the coordinator asked this worker to do.
-#[derive(Clone, Debug)]
-pub struct Assignment {
-    pub job: JobId,
-    pub generation: RingGeneration,
-    pub rank: Rank,
-    pub members: Vec<String>,
-    pub transport: TransportKind,
-    pub spec: JobSpec,
-    pub resume_from: Option<PathBuf>,
-    pub checkpoint_dir: PathBuf,
-}
+use crate::ring::{ReduceOp, Ring, RingEndpoints, RingError, RingOptions, RingSpec};
+use crate::sync::{self, Holding, Plan};
 
 /// A worker's training state for one job, kept between ring generations.
-pub struct JobState {
+pub struct TrainingState {
     pub job: JobId,
     model: Model,
     train: Split,
     test: Split,
     params: Vec<f32>,
     sgd: Sgd,
-    version: u64,
+    version: ParamVersion,
     cursor: ShardCursor,
     /// False until the first sync: `params` is only this worker's seeded init.
     agreed: bool,
 }
 
-/// Where a worker's [`JobState`] waits between generations.
-pub type StateSlot = Arc<Mutex<Option<JobState>>>;
+/// Where a worker's [`TrainingState`] waits between generations.
+pub type StateSlot = Arc<Mutex<Option<TrainingState>>>;
 
 /// Lets the service break the current ring when it leaves a generation.
 pub type AbortSlot = Arc<Mutex<Option<Arc<dyn LinkAbort>>>>;
 
 pub struct TrainerContext {
-    pub worker_id: String,
+    pub worker_id: WorkerId,
     pub assignment: Assignment,
     pub client: WorkerControlClient<Channel>,
     pub runtime: tokio::runtime::Handle,
@@ -96,6 +86,8 @@ pub enum TrainError {
     Coordinator(String),
     #[error("sample audit: {0}")]
     Audit(#[from] std::io::Error),
+    #[error("{0}")]
+    Sync(#[from] sync::SyncError),
     #[error("stopped: {0}")]
     Stopped(&'static str),
 }
@@ -106,8 +98,6 @@ const SYNC_STEP: u64 = 1 << 62;
 const BROADCAST_PARAMS: u64 = SYNC_STEP + 1;
 const BROADCAST_MOMENTUM: u64 = SYNC_STEP + 2;
 const EVAL_STEP: u64 = 1 << 63;
-/// Slots per rank in the sync exchange.
-const SYNC_SLOTS: usize = 6;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -125,39 +115,42 @@ pub fn run_and_report(ctx: TrainerContext) {
     };
     let result = run(&ctx, &mut state);
     *lock(&ctx.abort) = None;
-    let version = state.as_ref().map(|s| s.version).unwrap_or(0);
+    let version = state.as_ref().map(|s| s.version).unwrap_or_default();
     let mut client = ctx.client.clone();
-    let finish = |error: String| pb::FinishReport {
-        worker_id: ctx.worker_id.clone(),
-        job_id: a.job.to_string(),
-        param_version: version,
-        error,
+    let finish = |error: Option<String>| {
+        pb::FinishReport::from(&FinishReport {
+            worker: ctx.worker_id,
+            job: a.job,
+            generation: a.generation,
+            version,
+            error,
+        })
     };
     match result {
         Ok(()) => {
-            if let Err(e) = ctx
-                .runtime
-                .block_on(client.report_finish(finish(String::new())))
-            {
+            if let Err(e) = ctx.runtime.block_on(client.report_finish(finish(None))) {
                 warn!(error = %e.message(), "could not report the end of training");
             }
         }
         Err(TrainError::Stopped(why)) => {
-            info!(why, version, "left the ring generation");
+            info!(why, %version, "left the ring generation");
             *lock(&ctx.state) = state;
         }
         Err(TrainError::Ring(e)) if !ctx.cancel.load(Ordering::SeqCst) => {
-            warn!(error = %e, version, "ring failed; waiting for the next generation");
-            let report = pb::RingFailureReport {
-                worker_id: ctx.worker_id.clone(),
-                job_id: a.job.to_string(),
-                ring_generation: a.generation.0,
-                param_version: version,
+            warn!(error = %e, %version, "ring failed; waiting for the next generation");
+            let report = RingFailureReport {
+                worker: ctx.worker_id,
+                job: a.job,
+                generation: a.generation,
+                version,
                 error: e.to_string(),
-                suspect_rank: e.peer().map(|p| p.rank.0 as i32).unwrap_or(-1),
+                suspect: e.peer().map(|p| p.rank),
             };
             *lock(&ctx.state) = state;
-            if let Err(e) = ctx.runtime.block_on(client.report_ring_failure(report)) {
+            let sent = ctx
+                .runtime
+                .block_on(client.report_ring_failure(pb::RingFailureReport::from(&report)));
+            if let Err(e) = sent {
                 warn!(error = %e.message(), "could not report the ring failure");
             }
         }
@@ -170,7 +163,7 @@ pub fn run_and_report(ctx: TrainerContext) {
             warn!(error = %e, "training failed");
             if let Err(e) = ctx
                 .runtime
-                .block_on(client.report_finish(finish(e.to_string())))
+                .block_on(client.report_finish(finish(Some(e.to_string()))))
             {
                 warn!(error = %e.message(), "could not report the failure");
             }
@@ -178,7 +171,7 @@ pub fn run_and_report(ctx: TrainerContext) {
     }
 }
 
-fn fresh_state(a: &Assignment) -> Result<JobState, TrainError> {
+fn fresh_state(a: &Assignment) -> Result<TrainingState, TrainError> {
     let spec = &a.spec;
     let dir = std::path::Path::new(&spec.dataset.path);
     let train = data::load_idx_split(dir, true)?;
@@ -191,20 +184,20 @@ fn fresh_state(a: &Assignment) -> Result<JobState, TrainError> {
         spec.optimizer.momentum as f32,
         spec.optimizer.weight_decay as f32,
     );
-    Ok(JobState {
+    Ok(TrainingState {
         job: a.job,
         model,
         train,
         test,
         params,
         sgd,
-        version: 0,
+        version: ParamVersion(0),
         cursor: ShardCursor::default(),
         agreed: false,
     })
 }
 
-fn run(ctx: &TrainerContext, slot: &mut Option<JobState>) -> Result<(), TrainError> {
+fn run(ctx: &TrainerContext, slot: &mut Option<TrainingState>) -> Result<(), TrainError> {
     let a = &ctx.assignment;
     tch::set_num_threads(a.spec.threads as i32);
     if slot.is_none() {
@@ -217,7 +210,7 @@ fn run(ctx: &TrainerContext, slot: &mut Option<JobState>) -> Result<(), TrainErr
         rank: a.rank,
         members: a.members.clone(),
         options: RingOptions {
-            transport: a.transport,
+            transport: a.spec.ring.transport,
             encoding: a.spec.ring.encoding,
             timeout: Duration::from_secs_f64(a.spec.ring.timeout_s),
             ..RingOptions::default()
@@ -244,7 +237,7 @@ struct Trainer<'a> {
     ctx: &'a TrainerContext,
     client: WorkerControlClient<Channel>,
     ring: Ring,
-    st: &'a mut JobState,
+    st: &'a mut TrainingState,
 }
 
 impl Trainer<'_> {
@@ -263,43 +256,28 @@ impl Trainer<'_> {
         Ok(())
     }
 
-    /// Agrees on the state every member starts this generation from.
+    /// Agrees on the state every member starts this generation from (see
+    /// [`crate::sync`]).
     fn sync(&mut self) -> Result<(), TrainError> {
         let (rank, world) = (self.rank(), self.world());
         let st = &mut *self.st;
-        // Versions and positions travel as f32 pieces of 24 bits: exact.
-        let mut table = vec![0f32; SYNC_SLOTS * world];
-        let mine = &mut table[rank * SYNC_SLOTS..(rank + 1) * SYNC_SLOTS];
-        mine[0] = f32::from(u8::from(st.agreed));
-        mine[1] = (st.version >> 24) as f32;
-        mine[2] = (st.version & 0xFF_FFFF) as f32;
-        mine[3] = st.cursor.epoch as f32;
-        mine[4] = st.cursor.position as f32;
-        mine[5] = f32::from(u8::from(st.sgd.momentum_buf.is_some()));
+        let mine = Holding {
+            trained: st.agreed,
+            version: st.version,
+            cursor: st.cursor,
+            has_optimizer_state: st.sgd.momentum_buf.is_some(),
+        };
+        let mut table = sync::encode(&mine, rank, world);
         self.ring
             .all_reduce_exact(SYNC_STEP, &mut table, ReduceOp::Sum)?;
-        let row = |r: usize| &table[r * SYNC_SLOTS..(r + 1) * SYNC_SLOTS];
-        let version_of = |r: usize| ((row(r)[1] as u64) << 24) | row(r)[2] as u64;
-        let holders: Vec<usize> = (0..world).filter(|&r| row(r)[0] > 0.5).collect();
-        let source = match holders.iter().map(|&r| version_of(r)).max() {
-            Some(newest) => {
-                // The lowest rank holding the newest version is the source.
-                let src = holders
-                    .iter()
-                    .copied()
-                    .find(|&r| version_of(r) == newest)
-                    .unwrap_or(0);
-                let behind = (0..world).any(|r| row(r)[0] < 0.5 || version_of(r) != newest);
-                if !behind {
-                    info!(
-                        version = newest,
-                        world, "ring formed; all members hold the newest version"
-                    );
-                    return Ok(());
-                }
-                src
+        let members = sync::decode(&table, world)?;
+        let (source, from) = match sync::plan(&members) {
+            Plan::InSync { version } => {
+                info!(%version, world, "ring formed; all members hold the newest version");
+                return Ok(());
             }
-            None => {
+            Plan::Broadcast { source, from } => (source, Some(from)),
+            Plan::Fresh => {
                 // Nobody has trained yet: every member starts from the same
                 // checkpoint or seeded init; rank 0's copy is made everyone's.
                 if let Some(dir) = &self.ctx.assignment.resume_from {
@@ -308,16 +286,14 @@ impl Trainer<'_> {
                     st.sgd.momentum_buf = momentum;
                     st.version = meta.param_version;
                     st.cursor = meta.shard_cursor;
-                    info!(version = st.version, dir = %dir.display(), "starting from checkpoint");
+                    info!(version = %st.version, dir = %dir.display(), "starting from checkpoint");
                 }
-                0
+                (0, None)
             }
         };
-        let src_row = row(source).to_vec();
-        let had_momentum = if holders.is_empty() {
-            st.sgd.momentum_buf.is_some()
-        } else {
-            src_row[5] > 0.5
+        let has_optimizer_state = match &from {
+            Some(from) => from.has_optimizer_state,
+            None => st.sgd.momentum_buf.is_some(),
         };
         if rank != source {
             st.params.fill(0.0);
@@ -326,7 +302,7 @@ impl Trainer<'_> {
         // Zeros from every other rank make the sum an exact copy of the source's.
         self.ring
             .all_reduce_exact(BROADCAST_PARAMS, &mut st.params, ReduceOp::Sum)?;
-        if had_momentum {
+        if has_optimizer_state {
             let n = st.params.len();
             let buf = st.sgd.momentum_buf.get_or_insert_with(|| vec![0f32; n]);
             if rank != source {
@@ -337,18 +313,15 @@ impl Trainer<'_> {
         } else {
             st.sgd.momentum_buf = None;
         }
-        if !holders.is_empty() {
-            st.version = ((src_row[1] as u64) << 24) | src_row[2] as u64;
-            st.cursor = ShardCursor {
-                epoch: src_row[3] as u64,
-                position: src_row[4] as u64,
-            };
+        if let Some(from) = from {
+            st.version = from.version;
+            st.cursor = from.cursor;
         }
         st.model.flat_to_params(&st.params);
         st.agreed = true;
-        self.ctx.progress.store(st.version, Ordering::Relaxed);
+        self.ctx.progress.store(st.version.0, Ordering::Relaxed);
         info!(
-            version = st.version,
+            version = %st.version,
             source_rank = source,
             world,
             seconds = t0.elapsed().as_secs_f64(),
@@ -385,20 +358,20 @@ impl Trainer<'_> {
         let mut audit = self.audit_file()?;
         // Epochs bound the job by data, max_steps by versions: with a ring that
         // changes size, steps per epoch change, so `total` is an estimate.
-        let done = |st: &JobState| {
-            (spec.max_steps > 0 && st.version >= spec.max_steps)
+        let done = |st: &TrainingState| {
+            (spec.max_steps > 0 && st.version.0 >= spec.max_steps)
                 || (spec.epochs > 0 && st.cursor.epoch >= spec.epochs)
         };
         info!(
             total_steps = total,
             world,
             global_batch,
-            version = self.st.version,
+            version = %self.st.version,
             "training"
         );
         while !done(self.st) {
             self.stop_if_cancelled()?;
-            let span = info_span!("step", version = self.st.version + 1);
+            let span = info_span!("step", version = self.st.version.next().0);
             let _g = span.enter();
             let started = Instant::now();
             let st = &mut *self.st;
@@ -421,8 +394,10 @@ impl Trainer<'_> {
             let fb_s = t_fb.elapsed().as_secs_f64();
 
             let t_ar = Instant::now();
-            info_span!("allreduce")
-                .in_scope(|| self.ring.all_reduce(st.version, &mut grads, ReduceOp::Sum))?;
+            info_span!("allreduce").in_scope(|| {
+                self.ring
+                    .all_reduce(st.version.0, &mut grads, ReduceOp::Sum)
+            })?;
             let ar_s = t_ar.elapsed().as_secs_f64();
 
             let hash = info_span!("optimizer").in_scope(|| {
@@ -430,11 +405,11 @@ impl Trainer<'_> {
                 st.model.flat_to_params(&st.params);
                 checkpoint::param_hash(&st.params)
             });
-            st.version += 1;
+            st.version = st.version.next();
             let epoch_of_step = st.cursor.epoch;
             st.cursor = data_plan::advance(st.cursor, &positions, samples);
             let step_s = started.elapsed().as_secs_f64();
-            self.ctx.progress.store(st.version, Ordering::Relaxed);
+            self.ctx.progress.store(st.version.0, Ordering::Relaxed);
             tracing::debug!(
                 forward_backward_s = fb_s,
                 allreduce_s = ar_s,
@@ -443,8 +418,7 @@ impl Trainer<'_> {
             );
             if let Some(f) = audit.as_mut() {
                 let ids: Vec<u32> = positions.clone().map(|p| perm[p as usize]).collect();
-                let line =
-                    serde_json::json!({"version": st.version, "epoch": epoch_of_step, "ids": ids});
+                let line = serde_json::json!({"version": st.version.0, "epoch": epoch_of_step, "ids": ids});
                 writeln!(f, "{line}")?;
             }
 
@@ -488,7 +462,7 @@ impl Trainer<'_> {
                 "ringtrain_worker_param_version",
                 "Parameter version held.",
                 &labels,
-                st.version as f64,
+                st.version.0 as f64,
             );
             m.set(
                 "ringtrain_ring_generation",
@@ -505,25 +479,25 @@ impl Trainer<'_> {
                 );
             }
 
-            let report = pb::StepReport {
-                worker_id: self.ctx.worker_id.clone(),
-                job_id: job.clone(),
-                ring_generation: self.ctx.assignment.generation.0,
-                param_version: st.version,
+            let report = StepReport {
+                worker: self.ctx.worker_id,
+                job: self.ctx.assignment.job,
+                generation: self.ctx.assignment.generation,
+                rank: self.ctx.assignment.rank,
+                version: st.version,
                 param_hash: hash,
                 loss,
                 samples: indices.len() as u64,
                 step_seconds: step_s,
                 allreduce_seconds: ar_s,
                 epoch: st.cursor.epoch,
-                rank: rank as u32,
                 total_steps: total,
             };
-            let version = st.version;
+            let version = st.version.0;
             let reply = self
                 .ctx
                 .runtime
-                .block_on(self.client.report_step(report))
+                .block_on(self.client.report_step(pb::StepReport::from(&report)))
                 .map_err(|e| TrainError::Coordinator(e.message().to_string()))?
                 .into_inner();
             if !reply.continue_job {
@@ -577,27 +551,29 @@ impl Trainer<'_> {
         let (correct, loss_sum) = self.st.model.evaluate(&x, &y);
         let mut totals = [correct as f32, loss_sum as f32, indices.len() as f32];
         self.ring
-            .all_reduce_exact(EVAL_STEP | self.st.version, &mut totals, ReduceOp::Sum)?;
+            .all_reduce_exact(EVAL_STEP | self.st.version.0, &mut totals, ReduceOp::Sum)?;
         let count = f64::from(totals[2]).max(1.0);
         let (accuracy, loss) = (f64::from(totals[0]) / count, f64::from(totals[1]) / count);
         if self.rank() == 0 {
             info!(
-                version = self.st.version,
+                version = %self.st.version,
                 test_accuracy = accuracy,
                 test_loss = loss,
                 "evaluation"
             );
-            let report = pb::EvalReport {
-                worker_id: self.ctx.worker_id.clone(),
-                job_id: self.ctx.assignment.job.to_string(),
-                param_version: self.st.version,
-                test_accuracy: accuracy,
-                test_loss: loss,
+            let a = &self.ctx.assignment;
+            let report = EvalReport {
+                worker: self.ctx.worker_id,
+                job: a.job,
+                generation: a.generation,
+                version: self.st.version,
+                accuracy,
+                loss,
                 samples: count as u64,
             };
             self.ctx
                 .runtime
-                .block_on(self.client.report_eval(report))
+                .block_on(self.client.report_eval(pb::EvalReport::from(&report)))
                 .map_err(|e| TrainError::Coordinator(e.message().to_string()))?;
         }
         Ok(())
@@ -626,16 +602,20 @@ impl Trainer<'_> {
             &st.params,
             st.sgd.momentum_buf.as_deref(),
         )?;
-        info!(version = st.version, dir = %dir.display(), "checkpoint saved");
-        let report = pb::CheckpointReport {
-            worker_id: self.ctx.worker_id.clone(),
-            job_id: a.job.to_string(),
-            param_version: st.version,
-            dir: dir.to_string_lossy().into_owned(),
+        info!(version = %st.version, dir = %dir.display(), "checkpoint saved");
+        let report = CheckpointReport {
+            worker: self.ctx.worker_id,
+            job: a.job,
+            generation: a.generation,
+            version: st.version,
+            dir,
         };
         self.ctx
             .runtime
-            .block_on(self.client.report_checkpoint(report))
+            .block_on(
+                self.client
+                    .report_checkpoint(pb::CheckpointReport::from(&report)),
+            )
             .map_err(|e| TrainError::Coordinator(e.message().to_string()))?;
         Ok(())
     }

@@ -2,15 +2,17 @@
 //! one f32 buffer `reps` times after `warmup` untimed rounds, like
 //! `gloo_allreduce.py`, and print one JSON line with the same fields.
 //!
-//! Rendezvous goes through pipes: each rank binds port 0 and prints
-//! `READY addr`; the parent answers every rank with `PEERS a0 a1 ...`; each
-//! rank ends with `TIMES [...]`. A rep's time is the slowest rank's.
+//! Ranks are supervised children ([`Supervisor`]): each binds port 0 and
+//! writes its address to its ready file; the parent writes every address to
+//! the peers file the ranks wait for; each rank writes its times to its
+//! result file. A rep's time is the slowest rank's.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, ensure, Context};
+use anyhow::{anyhow, ensure, Context};
+use ringtrain_common::process::Supervisor;
 use ringtrain_common::wire::WireEncoding;
 use ringtrain_common::{JobId, Rank, RingGeneration};
 use ringtrain_worker::ring::{
@@ -52,6 +54,15 @@ pub struct RankArgs {
     /// Print `REP i` on stdout after each repetition.
     #[arg(long)]
     progress: bool,
+    /// Written once listening: {"addr": "HOST:PORT"}.
+    #[arg(long)]
+    ready_file: PathBuf,
+    /// Waited for: a JSON list of every rank's address.
+    #[arg(long)]
+    peers_file: PathBuf,
+    /// Written at the end: the timed repetitions' seconds (JSON list).
+    #[arg(long)]
+    result_file: PathBuf,
     #[command(flatten)]
     common: Args,
 }
@@ -83,31 +94,6 @@ impl Args {
     }
 }
 
-/// Kills every rank still running when the benchmark ends, however it ends.
-struct Ranks(Vec<Child>);
-
-impl Drop for Ranks {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn read_tagged(out: &mut BufReader<ChildStdout>, rank: usize, tag: &str) -> anyhow::Result<String> {
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if out.read_line(&mut line)? == 0 {
-            bail!("rank {rank} exited before sending {tag} (see its error above)");
-        }
-        if let Some(rest) = line.trim_end().strip_prefix(tag) {
-            return Ok(rest.trim().to_string());
-        }
-    }
-}
-
 pub fn run(args: Args) -> anyhow::Result<()> {
     ensure!(args.world >= 1, "--world must be at least 1");
     ensure!(args.reps >= 1, "--reps must be at least 1");
@@ -116,46 +102,54 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "--elements too large"
     );
     let exe = std::env::current_exe().context("locating the ringtrain binary")?;
-    let mut ranks = Ranks(Vec::new());
+    let dir = tempfile::tempdir()?;
+    let mut ranks = Supervisor::new(dir.path())?;
+    let peers_file = dir.path().join("peers.json");
+    let result = |rank: usize| dir.path().join(format!("rank-{rank}.json"));
     for rank in 0..args.world {
-        let child = Command::new(&exe)
-            .args(["bench", "allreduce-rank", "--rank", &rank.to_string()])
-            .args(args.as_cli())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("starting rank {rank}"))?;
-        ranks.0.push(child);
+        let mut cli = vec![
+            "bench".to_string(),
+            "allreduce-rank".into(),
+            "--rank".into(),
+            rank.to_string(),
+            "--peers-file".into(),
+            peers_file.to_string_lossy().into_owned(),
+            "--result-file".into(),
+            result(rank).to_string_lossy().into_owned(),
+        ];
+        cli.extend(args.as_cli());
+        let cli: Vec<&str> = cli.iter().map(String::as_str).collect();
+        ranks.spawn(&format!("rank-{rank}"), &[], &exe, &cli)?;
     }
-    let mut outs = Vec::new();
     let mut addrs = Vec::new();
-    for (rank, child) in ranks.0.iter_mut().enumerate() {
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow!("rank {rank} has no stdout"))?;
-        let mut out = BufReader::new(stdout);
-        addrs.push(read_tagged(&mut out, rank, "READY")?);
-        outs.push(out);
+    for rank in 0..args.world {
+        let ready = ranks.wait_ready(&format!("rank-{rank}"), Duration::from_secs(30))?;
+        let addr = ready["addr"]
+            .as_str()
+            .ok_or_else(|| anyhow!("rank {rank} wrote no address"))?;
+        addrs.push(addr.to_string());
     }
-    let peers = format!("PEERS {}\n", addrs.join(" "));
-    for (rank, child) in ranks.0.iter_mut().enumerate() {
-        let stdin = child
-            .stdin
-            .as_mut()
-            .ok_or_else(|| anyhow!("rank {rank} has no stdin"))?;
-        stdin.write_all(peers.as_bytes())?;
-        stdin.flush()?;
-    }
+    write_atomically(&peers_file, &serde_json::to_vec(&addrs)?)?;
     let mut per_rank: Vec<Vec<f64>> = Vec::new();
-    for (rank, out) in outs.iter_mut().enumerate() {
-        let times = read_tagged(out, rank, "TIMES")?;
-        per_rank.push(serde_json::from_str(&times).with_context(|| format!("rank {rank} times"))?);
-    }
-    for (rank, child) in ranks.0.iter_mut().enumerate() {
-        let status = child.wait()?;
-        ensure!(status.success(), "rank {rank} exited with {status}");
+    // Generous: the slowest transport at the largest size, and the neighbour
+    // timeout of a failing run.
+    let limit = Duration::from_secs(600 + args.timeout_s);
+    for rank in 0..args.world {
+        let name = format!("rank-{rank}");
+        let status = ranks
+            .wait_exit(&name, limit)?
+            .ok_or_else(|| anyhow!("rank {rank} still runs after {limit:?}"))?;
+        ensure!(
+            status.success(),
+            "rank {rank} exited with {status}: {}",
+            ranks
+                .get(&name)
+                .map(|p| ringtrain_common::process::tail(&p.log, 1))
+                .unwrap_or_default()
+        );
+        let times = std::fs::read(result(rank)).with_context(|| format!("rank {rank} times"))?;
+        per_rank
+            .push(serde_json::from_slice(&times).with_context(|| format!("rank {rank} times"))?);
     }
     // The slowest rank defines each repetition's time.
     let mut slowest: Vec<f64> = (0..args.reps)
@@ -189,6 +183,9 @@ pub fn run_rank(args: RankArgs) -> anyhow::Result<()> {
     let RankArgs {
         rank,
         progress,
+        ready_file,
+        peers_file,
+        result_file,
         common: args,
     } = args;
     // The runtime drives the ring's servers and gRPC streams while this
@@ -197,13 +194,27 @@ pub fn run_rank(args: RankArgs) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let ring = rt.block_on(join_ring(rank, &args))?;
+    let ring = rt.block_on(join_ring(rank, &args, &ready_file, &peers_file))?;
     let times = reps(ring, rank, &args, progress)?;
-    println!("TIMES {}", serde_json::to_string(&times)?);
+    write_atomically(&result_file, &serde_json::to_vec(&times)?)?;
     Ok(())
 }
 
-async fn join_ring(rank: usize, args: &Args) -> anyhow::Result<Ring> {
+/// Writes `bytes` to a sibling and renames it into place: readers see the
+/// whole file or none.
+fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+async fn join_ring(
+    rank: usize,
+    args: &Args,
+    ready_file: &Path,
+    peers_file: &Path,
+) -> anyhow::Result<Ring> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let endpoints = match args.transport {
@@ -216,19 +227,29 @@ async fn join_ring(rank: usize, args: &Args) -> anyhow::Result<Ring> {
             grpc: Some(grpc::serve(listener, std::future::pending())),
         },
     };
-    println!("READY {addr}");
-    std::io::stdout().flush()?;
-    let line = tokio::task::spawn_blocking(|| {
-        let mut line = String::new();
-        std::io::stdin().read_line(&mut line).map(|_| line)
-    })
-    .await??;
-    let members: Vec<String> = line
-        .trim()
-        .strip_prefix("PEERS")
-        .map(|p| p.split_whitespace().map(String::from).collect())
-        .filter(|m: &Vec<String>| m.len() == args.world)
-        .ok_or_else(|| anyhow!("expected PEERS with {} addresses on stdin", args.world))?;
+    write_atomically(
+        ready_file,
+        &serde_json::to_vec(&serde_json::json!({"addr": addr}))?,
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(args.timeout_s.max(30));
+    let members: Vec<String> = loop {
+        if let Ok(bytes) = std::fs::read(peers_file) {
+            break serde_json::from_slice(&bytes).context("peers file")?;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no peers file {} within {}s",
+            peers_file.display(),
+            args.timeout_s.max(30)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    ensure!(
+        members.len() == args.world,
+        "the peers file lists {} ranks, expected {}",
+        members.len(),
+        args.world
+    );
     let spec = RingSpec {
         job: JobId(1),
         generation: RingGeneration(1),

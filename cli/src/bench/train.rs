@@ -12,8 +12,7 @@ use ringtrain_common::jobspec::JobSpec;
 use ringtrain_proto as pb;
 
 use crate::commands::client;
-use crate::commands::local::check_dataset;
-use crate::local_cluster::LocalCluster;
+use crate::commands::local::{check_dataset, start_cluster};
 
 #[derive(clap::Args)]
 pub struct TrainArgs {
@@ -56,7 +55,7 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<()> {
     );
     let spec = JobSpec::parse(&text, &args.overrides)?;
     let dir = tempfile::tempdir()?;
-    let cluster = tokio::task::block_in_place(|| LocalCluster::start(dir.path(), args.world))?;
+    let cluster = start_cluster(dir.path(), args.world)?;
     let mut c = client::connect(&cluster.coordinator_url).await?;
     let job = client::submit_spec(&mut c, &spec, None).await?;
     let mut stream = client::events(&mut c, &job).await?;

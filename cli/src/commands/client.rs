@@ -138,17 +138,7 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     finish(&end, args.json)
 }
 
-pub fn state_name(state: i32) -> &'static str {
-    match pb::JobState::try_from(state).unwrap_or(pb::JobState::Unspecified) {
-        pb::JobState::Pending => "pending",
-        pb::JobState::Running => "running",
-        pb::JobState::Waiting => "waiting",
-        pb::JobState::Succeeded => "succeeded",
-        pb::JobState::Failed => "failed",
-        pb::JobState::Cancelled => "cancelled",
-        pb::JobState::Unspecified => "unknown",
-    }
-}
+pub use ringtrain_proto::convert::job_state_name as state_name;
 
 /// The one JSON line scripts read.
 pub fn result_json(s: &pb::JobStatus) -> serde_json::Value {

@@ -7,8 +7,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 
+use ringtrain_common::local_cluster::{ClusterOptions, LocalCluster};
+
 use super::client;
-use crate::local_cluster::LocalCluster;
 use crate::settings::shutdown_signal;
 
 #[derive(clap::Args)]
@@ -30,6 +31,15 @@ pub struct LocalArgs {
     /// Continue from a checkpoint directory.
     #[arg(long)]
     pub resume: Option<PathBuf>,
+}
+
+/// A coordinator and `workers` workers of this very binary on loopback.
+pub fn start_cluster(run_dir: &Path, workers: usize) -> anyhow::Result<LocalCluster> {
+    let program = std::env::current_exe().context("locating the ringtrain binary")?;
+    let options = ClusterOptions::loopback(program);
+    Ok(tokio::task::block_in_place(|| {
+        LocalCluster::start(run_dir, workers, options)
+    })?)
 }
 
 /// A clear error before anything starts, rather than N workers failing.
@@ -73,7 +83,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         spec.workers,
         run_dir.join("logs").display()
     );
-    let cluster = tokio::task::block_in_place(|| LocalCluster::start(&run_dir, spec.workers))?;
+    let cluster = start_cluster(&run_dir, spec.workers)?;
     let mut client = client::connect(&cluster.coordinator_url).await?;
     let job = client::submit_spec(&mut client, &spec, args.resume.as_deref()).await?;
     eprintln!(
@@ -89,7 +99,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
             bail!("interrupted: job {job} cancelled and every local process stopped");
         }
     };
-    let logs = cluster.logs.clone();
+    let logs = cluster.logs().to_path_buf();
     drop(cluster);
     let result = client::finish(&end, args.json);
     eprintln!("logs: {}", logs.display());

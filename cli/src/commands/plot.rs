@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context};
-use ringtrain_coordinator::report::{self, MetricRow};
+use ringtrain_common::curve::{self, MetricRow};
 use ringtrain_proto as pb;
 
 use super::client::{self, Target};
@@ -39,15 +39,8 @@ pub async fn run(args: PlotArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow!("{}", e.message()))?
         .into_inner()
         .rows
-        .into_iter()
-        .map(|r| MetricRow {
-            step: r.step,
-            epoch: r.epoch,
-            loss: r.loss,
-            samples_per_s: r.samples_per_s,
-            workers: r.workers,
-            eval: r.has_eval.then_some((r.test_accuracy, r.test_loss)),
-        })
+        .iter()
+        .map(MetricRow::from)
         .collect();
     if rows.is_empty() {
         bail!("job {} has no completed steps to plot yet", args.job);
@@ -56,10 +49,10 @@ pub async fn run(args: PlotArgs) -> anyhow::Result<()> {
         .output
         .unwrap_or_else(|| PathBuf::from(format!("{}.png", args.job)));
     let title = format!("{} ({}, job {})", job.name, job.model, job.job_id);
-    report::render_png(&output, &title, &rows)?;
+    curve::render_png(&output, &title, &rows)?;
     println!("{}", output.display());
     if let Some(csv) = &args.csv {
-        std::fs::write(csv, report::to_csv(&rows))
+        std::fs::write(csv, curve::to_csv(&rows))
             .with_context(|| format!("writing {}", csv.display()))?;
         println!("{}", csv.display());
     }

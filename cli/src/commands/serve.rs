@@ -123,7 +123,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
             if let Some(path) = &ready_file {
                 let v = serde_json::json!({
                     "grpc": ready.grpc, "ring": ready.ring,
-                    "worker_id": ready.worker_id, "metrics": metrics_addr,
+                    "worker_id": ready.worker_id.to_string(), "metrics": metrics_addr,
                 });
                 ready_error = settings::write_ready_file(path, &v).err();
             }

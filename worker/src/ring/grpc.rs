@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::Stream;
+use ringtrain_common::retry::{retry, GaveUp};
 use ringtrain_common::wire::{FrameHeader, Phase, WireEncoding, WireError};
 use ringtrain_common::{JobId, Rank, RingGeneration};
 use ringtrain_proto::ring_client::RingClient;
@@ -25,7 +26,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::inbox::{Inbox, LinkKey};
 use super::transport::{FrameReceiver, FrameSender, LinkAbort, RingLinks};
-use super::{Peer, RingError, RingSpec};
+use super::{Peer, RingError, RingSpec, DIAL_BACKOFF};
 
 /// Large enough for any segment we send.
 pub const MAX_MESSAGE: usize = 256 << 20;
@@ -139,20 +140,21 @@ async fn dial(right: &Peer, timeout: Duration) -> Result<Channel, RingError> {
         .initial_stream_window_size(Some(STREAM_WINDOW))
         .initial_connection_window_size(Some(CONNECTION_WINDOW));
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut backoff = Duration::from_millis(10);
-    loop {
-        match endpoint.connect().await {
-            Ok(ch) => return Ok(ch),
-            Err(e) if tokio::time::Instant::now() + backoff < deadline => {
-                tracing::debug!(peer = %right, error = %e, "ring connect retry");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_millis(500));
-            }
-            Err(e) => {
-                return Err(RingError::Setup(format!("cannot connect to {right}: {e}")));
-            }
-        }
-    }
+    retry(
+        deadline,
+        DIAL_BACKOFF,
+        || endpoint.connect(),
+        |e| tracing::debug!(peer = %right, error = %e, "ring connect retry"),
+    )
+    .await
+    .map_err(|gave_up| match gave_up {
+        GaveUp::Failed(e) => RingError::Setup(format!("cannot connect to {right}: {e}")),
+        GaveUp::Deadline => RingError::Timeout {
+            peer: right.clone(),
+            timeout,
+            during: "connecting".into(),
+        },
+    })
 }
 
 /// Opens the stream to the right neighbour and claims the left one's.

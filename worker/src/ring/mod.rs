@@ -29,40 +29,8 @@ use ringtrain_common::{JobId, Rank, RingGeneration};
 
 pub use engine::ReduceOp;
 pub use error::RingError;
+pub use ringtrain_common::wire::TransportKind;
 pub use transport::RingLinks;
-
-/// Which transport carries ring frames between neighbours.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TransportKind {
-    /// Length-prefixed frames on a plain TCP connection: fewest copies.
-    #[default]
-    Tcp,
-    /// tonic bidirectional streaming.
-    Grpc,
-}
-
-impl std::str::FromStr for TransportKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "tcp" => Ok(Self::Tcp),
-            "grpc" => Ok(Self::Grpc),
-            other => Err(format!(
-                "unknown ring transport '{other}' (expected tcp or grpc)"
-            )),
-        }
-    }
-}
-
-impl fmt::Display for TransportKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Tcp => "tcp",
-            Self::Grpc => "grpc",
-        })
-    }
-}
 
 /// A ring neighbour as errors name it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,6 +45,14 @@ impl fmt::Display for Peer {
         write!(f, "{} at {}", self.rank, self.addr)
     }
 }
+
+/// Pauses between attempts to reach a ring neighbour that is not listening
+/// yet (it may still be joining the generation).
+pub(crate) const DIAL_BACKOFF: ringtrain_common::retry::Backoff =
+    ringtrain_common::retry::Backoff {
+        first: Duration::from_millis(10),
+        max: Duration::from_millis(500),
+    };
 
 /// Tunables of the data plane.
 #[derive(Clone, Debug)]

@@ -9,6 +9,7 @@ use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ringtrain_common::retry::{retry, GaveUp};
 use ringtrain_common::wire::FrameHeader;
 use ringtrain_common::{JobId, Rank, RingGeneration};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -16,7 +17,7 @@ use tokio::net::TcpListener;
 
 use super::inbox::{Inbox, LinkKey};
 use super::transport::{FrameReceiver, FrameSender, LinkAbort, RingLinks};
-use super::{Peer, RingError, RingSpec};
+use super::{Peer, RingError, RingSpec, DIAL_BACKOFF};
 
 const HELLO_MAGIC: u32 = 0x5254_4831; // "RTH1"
 const HELLO_LEN: usize = 32;
@@ -197,26 +198,22 @@ pub async fn connect(spec: &RingSpec, inbox: &TcpInbox) -> Result<RingLinks, Rin
 
 async fn dial_right(right: &Peer, key: LinkKey, timeout: Duration) -> Result<TcpStream, RingError> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut backoff = Duration::from_millis(10);
-    let mut stream = loop {
-        match tokio::time::timeout_at(deadline, tokio::net::TcpStream::connect(&right.addr)).await {
-            Ok(Ok(s)) => break s,
-            // The neighbour may not be listening yet: retry until the deadline.
-            Ok(Err(e)) if tokio::time::Instant::now() + backoff < deadline => {
-                tracing::debug!(peer = %right, error = %e, "ring connect retry");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_millis(500));
-            }
-            Ok(Err(e)) => return Err(RingError::io(right, "connecting", timeout, e)),
-            Err(_) => {
-                return Err(RingError::Timeout {
-                    peer: right.clone(),
-                    timeout,
-                    during: "connecting".into(),
-                })
-            }
-        }
-    };
+    // The neighbour may not be listening yet: retry until the deadline.
+    let mut stream = retry(
+        deadline,
+        DIAL_BACKOFF,
+        || tokio::net::TcpStream::connect(&right.addr),
+        |e| tracing::debug!(peer = %right, error = %e, "ring connect retry"),
+    )
+    .await
+    .map_err(|gave_up| match gave_up {
+        GaveUp::Failed(e) => RingError::io(right, "connecting", timeout, e),
+        GaveUp::Deadline => RingError::Timeout {
+            peer: right.clone(),
+            timeout,
+            during: "connecting".into(),
+        },
+    })?;
     let exchange = async {
         stream.write_all(&hello(&key)).await?;
         let status = stream.read_u8().await?;

@@ -1,7 +1,9 @@
-//! The coordinator's checks of what workers report, driven through its gRPC
-//! service methods directly (no sockets): replicas that diverge fail the job
-//! with a clear error, and jobs survive a coordinator restart.
+//! The coordinator's gRPC services driven through their methods directly (no
+//! sockets): jobs survive a coordinator restart through the real store, bad
+//! requests get the status that names them, and watch streams end at
+//! shutdown. (The protocol itself is tested on `State` in `src/state/tests.rs`.)
 
+use futures::StreamExt;
 use ringtrain_common::metrics::Metrics;
 use ringtrain_coordinator::service::Coordinator;
 use ringtrain_coordinator::store::Store;
@@ -9,21 +11,9 @@ use ringtrain_coordinator::CoordinatorConfig;
 use ringtrain_proto as pb;
 use ringtrain_proto::coordinator_server::Coordinator as _;
 use ringtrain_proto::worker_control_server::WorkerControl as _;
-use tonic::Request;
+use tonic::{Code, Request};
 
-const SPEC: &str = r#"
-name = "t"
-model = "mlp"
-batch_size = 8
-workers = 2
-max_steps = 5
-[dataset]
-format = "idx"
-path = "/data"
-[optimizer]
-kind = "sgd"
-lr = 0.1
-"#;
+use ringtrain_common::testing::MINIMAL_SPEC as SPEC;
 
 fn coordinator(dir: &std::path::Path) -> Coordinator {
     let config = CoordinatorConfig {
@@ -74,6 +64,17 @@ fn step(worker: &str, a: &pb::Assignment, version: u64, hash: u64) -> pb::StepRe
     }
 }
 
+async fn submit(c: &Coordinator) -> String {
+    c.submit_job(Request::new(pb::SubmitJobRequest {
+        spec_toml: SPEC.into(),
+        resume_from: String::new(),
+    }))
+    .await
+    .expect("submit")
+    .into_inner()
+    .job_id
+}
+
 async fn job_status(c: &Coordinator, job: &str) -> pb::JobStatus {
     c.get_job(Request::new(pb::GetJobRequest { job_id: job.into() }))
         .await
@@ -82,76 +83,12 @@ async fn job_status(c: &Coordinator, job: &str) -> pb::JobStatus {
 }
 
 #[tokio::test]
-async fn replicas_that_diverge_fail_the_job_with_a_clear_error() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = coordinator(dir.path());
-    let (w1, w2) = (register(&c, 1000).await, register(&c, 2000).await);
-    let job = c
-        .submit_job(Request::new(pb::SubmitJobRequest {
-            spec_toml: SPEC.into(),
-            resume_from: String::new(),
-        }))
-        .await
-        .expect("submit")
-        .into_inner()
-        .job_id;
-    let (a1, a2) = (
-        assignment(&c, &w1).await.expect("w1 assigned"),
-        assignment(&c, &w2).await.expect("w2 assigned"),
-    );
-    assert_eq!(
-        a1.members,
-        vec!["127.0.0.1:1001", "127.0.0.1:2001"],
-        "ring addresses by rank"
-    );
-
-    // Version 1: the same hash from both replicas.
-    for (w, a) in [(&w1, &a1), (&w2, &a2)] {
-        let reply = c
-            .report_step(Request::new(step(w, a, 1, 0xabc)))
-            .await
-            .expect("step");
-        assert!(reply.into_inner().continue_job);
-    }
-    assert_eq!(job_status(&c, &job).await.step, 1);
-
-    // Version 2: rank 1 holds different parameters.
-    c.report_step(Request::new(step(&w1, &a1, 2, 0xabc)))
-        .await
-        .expect("step");
-    let reply = c
-        .report_step(Request::new(step(&w2, &a2, 2, 0xdef)))
-        .await
-        .expect("step");
-    assert!(
-        !reply.into_inner().continue_job,
-        "the diverged worker is told to stop"
-    );
-    let s = job_status(&c, &job).await;
-    assert_eq!(s.state, pb::JobState::Failed as i32);
-    assert!(
-        s.error.contains("replicas diverged at parameter version 2"),
-        "{}",
-        s.error
-    );
-    assert!(assignment(&c, &w1).await.is_none(), "workers are freed");
-}
-
-#[tokio::test]
 async fn an_unfinished_job_survives_a_restart_and_waits_for_workers() {
     let dir = tempfile::tempdir().expect("tempdir");
     let job = {
         let c = coordinator(dir.path());
         let (w1, w2) = (register(&c, 1000).await, register(&c, 2000).await);
-        let job = c
-            .submit_job(Request::new(pb::SubmitJobRequest {
-                spec_toml: SPEC.into(),
-                resume_from: String::new(),
-            }))
-            .await
-            .expect("submit")
-            .into_inner()
-            .job_id;
+        let job = submit(&c).await;
         let (a1, a2) = (
             assignment(&c, &w1).await.expect("assigned"),
             assignment(&c, &w2).await.expect("assigned"),
@@ -196,4 +133,68 @@ async fn an_unfinished_job_survives_a_restart_and_waits_for_workers() {
         job_status(&c, &job).await.state,
         pb::JobState::Running as i32
     );
+}
+
+#[tokio::test]
+async fn bad_requests_get_the_status_that_names_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = coordinator(dir.path());
+    let err = c
+        .submit_job(Request::new(pb::SubmitJobRequest {
+            spec_toml: "name = 'x'".into(),
+            resume_from: String::new(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("missing field"), "{}", err.message());
+    let err = c
+        .get_job(Request::new(pb::GetJobRequest {
+            job_id: "00000000000000ff".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(err.message(), "no job 00000000000000ff");
+    let err = c
+        .get_job(Request::new(pb::GetJobRequest {
+            job_id: "x".repeat(10_000),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().len() < 200, "input is not echoed whole");
+    let err = c
+        .heartbeat(Request::new(pb::HeartbeatRequest {
+            worker_id: "nobody".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("worker_id:"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn watch_streams_end_when_the_coordinator_shuts_down() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = coordinator(dir.path());
+    let job = submit(&c).await;
+    let mut events = c
+        .watch_job(Request::new(pb::WatchJobRequest {
+            job_id: job.clone(),
+        }))
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = events.next().await.expect("a snapshot").expect("ok");
+    assert_eq!(first.kind, "snapshot");
+    // The job is pending (no workers): the stream would wait for ever.
+    c.close_streams();
+    let last = tokio::time::timeout(std::time::Duration::from_secs(5), events.next())
+        .await
+        .expect("the stream ends promptly");
+    let status = last.expect("a final item").unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(events.next().await.is_none());
 }

@@ -1,0 +1,201 @@
+//! A coordinator and workers as child processes on this machine: what
+//! `ringtrain local`, the benchmarks and the end-to-end tests run. Built on
+//! [`Supervisor`] (per-process logs, ready files, PDEATHSIG, stop on Drop).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::process::{ProcessError, Signal, Supervisor};
+
+/// How long a process may take to be ready (workers register first).
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where the processes listen and what they advertise.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// The `ringtrain` binary.
+    pub program: PathBuf,
+    /// Every process listens on this IP (port 0).
+    pub listen_ip: String,
+    /// The host workers advertise to their ring neighbours.
+    pub advertise: String,
+}
+
+impl ClusterOptions {
+    /// Everything on 127.0.0.1.
+    pub fn loopback(program: PathBuf) -> Self {
+        Self {
+            program,
+            listen_ip: "127.0.0.1".into(),
+            advertise: "127.0.0.1".into(),
+        }
+    }
+}
+
+pub struct LocalCluster {
+    procs: Supervisor,
+    options: ClusterOptions,
+    /// The coordinator's data dir: its job store and default checkpoints.
+    pub data_dir: PathBuf,
+    /// `http://127.0.0.1:PORT`.
+    pub coordinator_url: String,
+    workers_started: usize,
+}
+
+fn text(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+impl LocalCluster {
+    /// A coordinator (data in `run_dir`, logs in `run_dir/logs`) and
+    /// `workers` workers, all ready. Workers boot in parallel.
+    pub fn start(
+        run_dir: &Path,
+        workers: usize,
+        options: ClusterOptions,
+    ) -> Result<Self, ProcessError> {
+        let mut cluster = Self {
+            procs: Supervisor::new(&run_dir.join("logs"))?,
+            options,
+            data_dir: run_dir.to_path_buf(),
+            coordinator_url: String::new(),
+            workers_started: 0,
+        };
+        let listen = format!("{}:0", cluster.options.listen_ip);
+        cluster.start_coordinator(&listen)?;
+        let names: Vec<String> = (0..workers)
+            .map(|_| cluster.spawn_worker(&[], None, None, None))
+            .collect::<Result<_, _>>()?;
+        for name in names {
+            cluster.procs.wait_ready(&name, READY_TIMEOUT)?;
+        }
+        Ok(cluster)
+    }
+
+    fn start_coordinator(&mut self, listen: &str) -> Result<(), ProcessError> {
+        let data = text(&self.data_dir);
+        let program = self.options.program.clone();
+        self.procs.spawn(
+            "coordinator",
+            &[],
+            &program,
+            &[
+                "coordinator",
+                "--listen",
+                listen,
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                &data,
+            ],
+        )?;
+        let ready = self.procs.wait_ready("coordinator", READY_TIMEOUT)?;
+        let port = ready["grpc"]
+            .as_str()
+            .and_then(|a| a.rsplit(':').next())
+            .ok_or_else(|| ProcessError::BadReadyFile {
+                name: "coordinator".into(),
+                path: text(&self.procs.dir().join("coordinator.ready")),
+                message: "no gRPC address".into(),
+            })?;
+        self.coordinator_url = format!("http://127.0.0.1:{port}");
+        Ok(())
+    }
+
+    /// Starts a worker without waiting; returns its name.
+    fn spawn_worker(
+        &mut self,
+        wrapper: &[&str],
+        coordinator: Option<&str>,
+        listen: Option<&str>,
+        advertise: Option<&str>,
+    ) -> Result<String, ProcessError> {
+        let name = format!("worker-{}", self.workers_started);
+        self.workers_started += 1;
+        let default_listen = format!("{}:0", self.options.listen_ip);
+        let listen = listen.unwrap_or(&default_listen);
+        let url = coordinator.unwrap_or(&self.coordinator_url).to_string();
+        let program = self.options.program.clone();
+        let advertise = advertise.unwrap_or(&self.options.advertise).to_string();
+        self.procs.spawn(
+            &name,
+            wrapper,
+            &program,
+            &[
+                "worker",
+                "--coordinator",
+                &url,
+                "--listen",
+                listen,
+                "--ring-listen",
+                listen,
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--advertise-host",
+                &advertise,
+            ],
+        )?;
+        Ok(name)
+    }
+
+    /// Starts one more worker and waits until it has registered.
+    pub fn add_worker(&mut self) -> Result<String, ProcessError> {
+        let name = self.spawn_worker(&[], None, None, None)?;
+        self.procs.wait_ready(&name, READY_TIMEOUT)?;
+        Ok(name)
+    }
+
+    /// Starts a worker under `wrapper` (e.g. `ip netns exec NS`) that
+    /// reaches the coordinator at `coordinator`, listens on `listen` and
+    /// advertises `advertise` to its ring neighbours.
+    pub fn add_worker_with(
+        &mut self,
+        wrapper: &[&str],
+        coordinator: &str,
+        listen: &str,
+        advertise: &str,
+    ) -> Result<String, ProcessError> {
+        let name = self.spawn_worker(wrapper, Some(coordinator), Some(listen), Some(advertise))?;
+        self.procs.wait_ready(&name, READY_TIMEOUT)?;
+        Ok(name)
+    }
+
+    /// kill -9 of the coordinator, then a new one on the same address and
+    /// data dir.
+    pub fn restart_coordinator(&mut self) -> Result<(), ProcessError> {
+        self.procs.kill("coordinator")?;
+        let listen = self
+            .coordinator_url
+            .trim_start_matches("http://")
+            .replace("127.0.0.1", &self.options.listen_ip);
+        self.start_coordinator(&listen)
+    }
+
+    pub fn kill(&mut self, name: &str) -> Result<(), ProcessError> {
+        self.procs.kill(name)
+    }
+
+    pub fn signal(&mut self, name: &str, sig: Signal) -> Result<(), ProcessError> {
+        self.procs.signal(name, sig)
+    }
+
+    /// What `name` wrote to its ready file.
+    pub fn ready(&self, name: &str) -> Option<&serde_json::Value> {
+        self.procs.get(name).map(|p| &p.ready)
+    }
+
+    /// The log file of (the newest process called) `name`.
+    pub fn log_path(&self, name: &str) -> Option<&Path> {
+        self.procs.get(name).map(|p| p.log.as_path())
+    }
+
+    /// The directory of every log.
+    pub fn logs(&self) -> &Path {
+        self.procs.dir()
+    }
+
+    /// The tail of every log.
+    pub fn tails(&self, lines: usize) -> String {
+        self.procs.tails(lines)
+    }
+}

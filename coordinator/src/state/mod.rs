@@ -1,0 +1,334 @@
+//! Jobs and workers as the coordinator knows them, and every change to them.
+//!
+//! One owner: the service holds [`State`] behind a single mutex, never across
+//! an `.await`. Each change is a method that takes `now` and returns its
+//! [`Effects`] (events for watchers, records to persist, observations for
+//! metrics, reports to write) instead of doing I/O, so the protocol is
+//! tested without sockets or clocks (see `tests.rs`), and the service applies
+//! the effects after it lets go of the lock.
+//!
+//! - [`jobs`](self): submission, cancellation, recovery after a restart;
+//! - `workers`: registration, heartbeats, assignments;
+//! - `reports`: the step-commit, divergence, drain and finish protocol;
+//! - `schedule`: applying the scheduler's pure decisions.
+
+mod effects;
+mod jobs;
+mod reports;
+mod schedule;
+mod workers;
+
+#[cfg(test)]
+pub(crate) mod tests;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::time::{Instant, SystemTime};
+
+use ringtrain_common::curve::MetricRow;
+use ringtrain_common::jobspec::JobSpec;
+use ringtrain_common::{JobId, JobState, ParamVersion, RingGeneration, WorkerId};
+
+pub use effects::{Effects, EventKind, JobEvent, Observation, PersistOp, ReportRequest};
+pub use reports::StepVerdict;
+pub use workers::HeartbeatReply;
+
+use crate::scheduler::Timeouts;
+pub use crate::store::Counters;
+
+/// Why a request cannot change the state. The service maps each to a gRPC
+/// status; none is a fault of the coordinator.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    #[error("no job {0}")]
+    NoJob(JobId),
+    /// A report from a worker that is not a member of the job's current ring
+    /// generation (fenced, lost, or never was): it changes nothing.
+    #[error("worker {worker} is not in {generation} of job {job}")]
+    NotMember {
+        job: JobId,
+        worker: WorkerId,
+        generation: RingGeneration,
+    },
+    #[error("job {job} already ended ({state})")]
+    Ended { job: JobId, state: JobState },
+}
+
+/// A consistent copy of a job's status.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobSnapshot {
+    pub id: JobId,
+    pub name: String,
+    pub model: String,
+    pub state: JobState,
+    pub error: String,
+    pub step: ParamVersion,
+    pub total_steps: u64,
+    pub epoch: u64,
+    pub workers: u32,
+    pub workers_wanted: u32,
+    pub loss: f64,
+    pub samples_per_s: f64,
+    pub eval: Option<(f64, f64)>,
+    pub checkpoint_dir: String,
+    pub generation: RingGeneration,
+    pub submitted: SystemTime,
+}
+
+/// Hashes and losses reported for one parameter version.
+#[derive(Debug, Default)]
+pub struct VersionTally {
+    pub hash: u64,
+    pub first_reporter: Option<WorkerId>,
+    pub reporters: HashSet<WorkerId>,
+    pub loss_sum: f64,
+    pub samples: u64,
+    pub slowest_step_s: f64,
+    pub epoch: u64,
+}
+
+pub struct Job {
+    pub id: JobId,
+    pub spec: JobSpec,
+    pub resume_from: String,
+    pub checkpoint_dir: String,
+    pub state: JobState,
+    pub error: String,
+    pub submitted: SystemTime,
+    /// Ring members by rank.
+    pub members: Vec<WorkerId>,
+    pub generation: RingGeneration,
+    /// The newest version every member of a generation has reported.
+    pub step: ParamVersion,
+    pub total_steps: u64,
+    pub epoch: u64,
+    pub loss: f64,
+    pub samples_per_s: f64,
+    pub eval: Option<(f64, f64)>,
+    pub tallies: BTreeMap<ParamVersion, VersionTally>,
+    pub finished: HashSet<WorkerId>,
+    /// Members named by a ring failure, and when.
+    pub suspects: HashMap<WorkerId, Instant>,
+    /// The current generation's ring failed: re-form once suspects are resolved.
+    pub ring_failed: bool,
+    /// Growing at a step boundary: members stop after this version, then the
+    /// ring is re-formed with the joiners.
+    pub drain: Option<Drain>,
+    /// Highest version any member reported in this generation.
+    pub max_reported: ParamVersion,
+    /// Version of the newest checkpoint written, if any.
+    pub checkpoint_version: Option<ParamVersion>,
+    /// Recovered after a coordinator restart: until then, wait for the full
+    /// worker count before re-forming (workers are reconnecting).
+    pub regroup_until: Option<Instant>,
+    /// The training curve (bounded; see [`ringtrain_common::curve::push_step`]).
+    pub history: Vec<MetricRow>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Drain {
+    pub at_version: ParamVersion,
+    pub joiners: Vec<WorkerId>,
+    pub stopped: HashSet<WorkerId>,
+}
+
+impl Job {
+    pub fn new(
+        id: JobId,
+        spec: JobSpec,
+        resume_from: String,
+        checkpoint_dir: String,
+        submitted: SystemTime,
+    ) -> Self {
+        Self {
+            id,
+            spec,
+            resume_from,
+            checkpoint_dir,
+            state: JobState::Pending,
+            error: String::new(),
+            submitted,
+            members: Vec::new(),
+            generation: RingGeneration(0),
+            step: ParamVersion(0),
+            total_steps: 0,
+            epoch: 0,
+            loss: f64::NAN,
+            samples_per_s: 0.0,
+            eval: None,
+            tallies: BTreeMap::new(),
+            finished: HashSet::new(),
+            suspects: HashMap::new(),
+            ring_failed: false,
+            drain: None,
+            max_reported: ParamVersion(0),
+            checkpoint_version: None,
+            regroup_until: None,
+            history: Vec::new(),
+        }
+    }
+
+    /// Where a worker without state starts from: the newest checkpoint of
+    /// this job, else the checkpoint it was submitted to resume from.
+    pub fn resume_source(&self) -> String {
+        if self.checkpoint_version.is_some() {
+            self.checkpoint_dir.clone()
+        } else {
+            self.resume_from.clone()
+        }
+    }
+
+    pub fn snapshot(&self) -> JobSnapshot {
+        JobSnapshot {
+            id: self.id,
+            name: self.spec.name.clone(),
+            model: self.spec.model.to_string(),
+            state: self.state,
+            error: self.error.clone(),
+            step: self.step,
+            total_steps: self.total_steps,
+            epoch: self.epoch,
+            workers: self.members.len() as u32,
+            workers_wanted: self.spec.workers as u32,
+            loss: self.loss,
+            samples_per_s: self.samples_per_s,
+            eval: self.eval,
+            checkpoint_dir: self.checkpoint_dir.clone(),
+            generation: self.generation,
+            submitted: self.submitted,
+        }
+    }
+
+    /// The title of the job's metrics.png.
+    pub fn report_title(&self) -> String {
+        format!("{} ({}, job {})", self.spec.name, self.spec.model, self.id)
+    }
+
+    fn rank_of(&self, worker: WorkerId) -> Option<usize> {
+        self.members.iter().position(|w| *w == worker)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Worker {
+    pub id: WorkerId,
+    pub grpc_addr: String,
+    pub ring_addr: String,
+    pub last_heartbeat: Instant,
+    pub alive: bool,
+    pub job: Option<JobId>,
+    pub last_step: ParamVersion,
+    pub samples_per_s: f64,
+}
+
+/// What `ListJobs` shows of a worker.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerView {
+    pub id: WorkerId,
+    pub address: String,
+    pub job: Option<JobId>,
+    pub rank: Option<usize>,
+    pub last_step: ParamVersion,
+    pub samples_per_s: f64,
+    pub heartbeat_age_s: f64,
+    pub alive: bool,
+}
+
+pub struct State {
+    pub jobs: BTreeMap<JobId, Job>,
+    /// Submission order, for fair scheduling.
+    pub queue: Vec<JobId>,
+    pub workers: BTreeMap<WorkerId, Worker>,
+    pub counters: Counters,
+    pub timeouts: Timeouts,
+}
+
+impl State {
+    pub fn new(timeouts: Timeouts, counters: Counters) -> Self {
+        Self {
+            jobs: BTreeMap::new(),
+            queue: Vec::new(),
+            workers: BTreeMap::new(),
+            counters,
+            timeouts,
+        }
+    }
+
+    pub fn job(&self, id: JobId) -> Result<&Job, StateError> {
+        self.jobs.get(&id).ok_or(StateError::NoJob(id))
+    }
+
+    pub fn snapshot(&self, id: JobId) -> Result<JobSnapshot, StateError> {
+        self.job(id).map(Job::snapshot)
+    }
+
+    /// Every job in submission order.
+    pub fn snapshots(&self) -> Vec<JobSnapshot> {
+        self.queue
+            .iter()
+            .filter_map(|id| self.jobs.get(id))
+            .map(Job::snapshot)
+            .collect()
+    }
+
+    pub fn worker_views(&self, now: Instant) -> Vec<WorkerView> {
+        self.workers
+            .values()
+            .map(|w| WorkerView {
+                id: w.id,
+                address: w.grpc_addr.clone(),
+                job: w.job,
+                rank: w
+                    .job
+                    .and_then(|j| self.jobs.get(&j))
+                    .and_then(|j| j.rank_of(w.id)),
+                last_step: w.last_step,
+                samples_per_s: w.samples_per_s,
+                heartbeat_age_s: now
+                    .saturating_duration_since(w.last_heartbeat)
+                    .as_secs_f64(),
+                alive: w.alive,
+            })
+            .collect()
+    }
+
+    /// The job's curve, and the directory of its `metrics.csv` when the curve
+    /// is not held here (a job that ended before this coordinator started).
+    pub fn history(&self, id: JobId) -> Result<(Vec<MetricRow>, Option<PathBuf>), StateError> {
+        let job = self.job(id)?;
+        let on_disk =
+            (job.history.is_empty() && job.state.is_terminal() && !job.checkpoint_dir.is_empty())
+                .then(|| PathBuf::from(&job.checkpoint_dir));
+        Ok((job.history.clone(), on_disk))
+    }
+
+    /// The running job's current-generation member `worker`, or why not.
+    fn member(
+        &mut self,
+        job: JobId,
+        worker: WorkerId,
+        generation: RingGeneration,
+    ) -> Result<&mut Job, StateError> {
+        let j = self.jobs.get_mut(&job).ok_or(StateError::NoJob(job))?;
+        if j.state != JobState::Running || j.generation != generation || j.rank_of(worker).is_none()
+        {
+            return Err(StateError::NotMember {
+                job,
+                worker,
+                generation,
+            });
+        }
+        Ok(j)
+    }
+
+    /// Queues the job's record for the store (`durable`: wait for fsync).
+    fn persist(&self, id: JobId, durable: bool, fx: &mut Effects) {
+        if let Some(job) = self.jobs.get(&id) {
+            fx.persist.push(PersistOp {
+                record: Some(crate::convert::job_record(job)),
+                counters: self.counters,
+                durable,
+            });
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! Workers joining, heartbeating, and learning what to do.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use ringtrain_common::wire::TransportKind;
+use ringtrain_common::worker_api::{Assignment, Registration};
+use ringtrain_common::{JobState, ParamVersion, Rank, WorkerId};
+use tracing::info;
+
+use super::{Effects, PersistOp, State, Worker};
+
+/// The coordinator's answer to a heartbeat.
+#[derive(Clone, Debug, PartialEq)]
+pub enum HeartbeatReply {
+    /// Be in this ring (or idle, with None).
+    Assignment(Option<Box<Assignment>>),
+    /// This coordinator does not know the worker (it restarted, or declared
+    /// the worker lost): register again under a new id.
+    Unknown,
+}
+
+impl State {
+    /// A new worker, idle until the scheduler gives it a job. The id counter
+    /// is persisted before the worker learns its id, so a restarted
+    /// coordinator never hands the same id to another worker.
+    pub fn register_worker(&mut self, now: Instant, r: Registration) -> (WorkerId, Effects) {
+        self.counters.next_worker += 1;
+        let id = WorkerId(self.counters.next_worker);
+        info!(worker = %id, grpc = %r.grpc_addr, ring = %r.ring_addr, host = %r.hostname, pid = r.pid, "worker registered");
+        self.workers.insert(
+            id,
+            Worker {
+                id,
+                grpc_addr: r.grpc_addr,
+                ring_addr: r.ring_addr,
+                last_heartbeat: now,
+                alive: true,
+                job: None,
+                last_step: ParamVersion(0),
+                samples_per_s: 0.0,
+            },
+        );
+        let mut fx = Effects::default();
+        fx.persist.push(PersistOp {
+            record: None,
+            counters: self.counters,
+            durable: true,
+        });
+        self.schedule(now, &mut fx);
+        (id, fx)
+    }
+
+    /// Records a sign of life and answers with the worker's assignment.
+    pub fn heartbeat(&mut self, now: Instant, id: WorkerId) -> (HeartbeatReply, Effects) {
+        let mut fx = Effects::default();
+        match self.workers.get_mut(&id) {
+            // A worker declared lost must come back under a new identity, so
+            // nothing it says for its old ring is trusted.
+            Some(w) if w.alive => w.last_heartbeat = now,
+            _ => return (HeartbeatReply::Unknown, fx),
+        }
+        self.schedule(now, &mut fx);
+        (
+            HeartbeatReply::Assignment(self.assignment(id).map(Box::new)),
+            fx,
+        )
+    }
+
+    /// The ring the worker should be in now, if any.
+    pub fn assignment(&self, worker: WorkerId) -> Option<Assignment> {
+        let job = self.jobs.get(&self.workers.get(&worker)?.job?)?;
+        if job.state != JobState::Running {
+            return None;
+        }
+        let rank = job.rank_of(worker)?;
+        let grpc = job.spec.ring.transport == TransportKind::Grpc;
+        let members = job
+            .members
+            .iter()
+            .map(|w| {
+                self.workers
+                    .get(w)
+                    .map(|w| {
+                        if grpc {
+                            w.grpc_addr.clone()
+                        } else {
+                            w.ring_addr.clone()
+                        }
+                    })
+                    .unwrap_or_default()
+            })
+            .collect();
+        let resume = job.resume_source();
+        Some(Assignment {
+            job: job.id,
+            generation: job.generation,
+            rank: Rank(rank as u32),
+            members,
+            spec: job.spec.clone(),
+            resume_from: (!resume.is_empty()).then(|| PathBuf::from(resume)),
+            checkpoint_dir: PathBuf::from(&job.checkpoint_dir),
+        })
+    }
+}
