@@ -7,21 +7,44 @@ export LIBTORCH_USE_PYTORCH=1
 export PATH="$ROOT/.venv/bin:$PATH"
 export RINGTRAIN_DATA=${RINGTRAIN_DATA:-/usr/share/datasets/fashion-mnist}
 
+# What tests and benchmarks import from PyPI, as (module, pip requirement).
+PY_MODULES=(numpy safetensors)
+PY_PACKAGES=(numpy safetensors)
+
 ensure_venv() {
   if ! "$ROOT/.venv/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
     echo "== installing torch==$TORCH_VERSION into .venv (one time, ~5 GB)" >&2
     python3 -m venv "$ROOT/.venv"
-    "$ROOT/.venv/bin/pip" install --quiet --disable-pip-version-check "torch==$TORCH_VERSION" numpy
+    "$ROOT/.venv/bin/pip" install --quiet --disable-pip-version-check "torch==$TORCH_VERSION"
   fi
+  local imports
+  imports=$(IFS=,; echo "${PY_MODULES[*]}")
+  if ! "$ROOT/.venv/bin/python" -c "import $imports" 2>/dev/null; then
+    echo "== installing ${PY_PACKAGES[*]} into .venv" >&2
+    "$ROOT/.venv/bin/pip" install --quiet --disable-pip-version-check "${PY_PACKAGES[@]}"
+  fi
+}
+
+# ensure_debs PACKAGE...: installs the Debian packages not installed yet.
+ensure_debs() {
+  local missing=() p
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  echo "== installing Debian packages: ${missing[*]}" >&2
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq &&
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
 ensure_dataset() {
   if ! ls "$RINGTRAIN_DATA"/train-images-idx3-ubyte* >/dev/null 2>&1; then
-    echo "== installing Fashion-MNIST (Debian package dataset-fashion-mnist)" >&2
-    local sudo=""
-    [ "$(id -u)" = 0 ] || sudo="sudo"
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    ensure_debs dataset-fashion-mnist || {
+      echo "error: the Fashion-MNIST data set is missing from $RINGTRAIN_DATA, and Debian's dataset-fashion-mnist could not be installed" >&2
+      return 1
+    }
   fi
 }
 

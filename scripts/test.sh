@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Runs every test: unit tests beside the code and the end-to-end tests in
-# tests/ (real ringtrain processes), then Prometheus against a local run and
-# the docker-compose deployment (SKIPPED where no Docker engine answers).
-# Installs what is missing first.
+# tests/ (real ringtrain processes), then the shell tests in tests/deploy/:
+# Prometheus against a local run and the docker-compose deployment (SKIPPED
+# where no Docker engine answers; under CI, which has everything, a test that
+# cannot do its real check fails instead). Installs what is missing first.
 # Long soak and benchmark runs are not here: see README ("Benchmarks").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 ensure_venv
 ensure_dataset
+# Chart text in metrics.png (a test checks charts with and without a font).
+ensure_debs fonts-dejavu-core
 echo "== build" >&2
 cargo build --release --quiet
 echo "== tests" >&2
@@ -16,6 +19,6 @@ echo "== tests" >&2
 # once on 2 cores only adds scheduling noise to their deadlines.
 cargo test --release --workspace -- --test-threads=2
 echo "== Prometheus scraping a local run" >&2
-deploy/prometheus-local.sh
+tests/deploy/prometheus-local.sh
 echo "== docker-compose end to end" >&2
-deploy/e2e.sh
+tests/deploy/compose-e2e.sh

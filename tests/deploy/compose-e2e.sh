@@ -5,29 +5,24 @@
 # /metrics and the coordinator's logs, then `down -v` and check that nothing of
 # the project is left.
 #
-#   deploy/e2e.sh                      # SKIPPED (exit 0) where no Docker engine answers
-#   E2E_KILL_WORKER=0 deploy/e2e.sh    # skip the step that docker-kills a worker mid-job
+#   tests/deploy/compose-e2e.sh                    # SKIPPED where no Docker engine answers (a failure under CI)
+#   E2E_KILL_WORKER=0 tests/deploy/compose-e2e.sh  # without the step that docker-kills a worker mid-job
 #
 # Knobs: E2E_WORKERS (3), E2E_STEPS (60), E2E_KILL_STEPS (600), E2E_BUILD=0
 # (use target/release/ringtrain as it is), E2E_KEEP=1 (leave the project up),
 # E2E_TIMEOUT_S (per wait, 300). Networking: only loopback (ports published on
 # 127.0.0.1) and the private network compose creates.
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
+TEST_NAME=e2e
+source tests/shell/lib.sh
 
 WORKERS=${E2E_WORKERS:-3}
 STEPS=${E2E_STEPS:-60}
 KILL_STEPS=${E2E_KILL_STEPS:-600}
 TIMEOUT_S=${E2E_TIMEOUT_S:-300}
 DATASET=${RINGTRAIN_DATASET:-/usr/share/datasets/fashion-mnist}
-T0=$SECONDS
-
-say() { echo "e2e: $*" >&2; }
-skip() {
-  echo "SKIPPED: $*"
-  exit 0
-}
 
 # --- Is there a Docker engine and a compose? ------------------------------
 command -v docker >/dev/null 2>&1 || skip "no docker command"
@@ -47,69 +42,24 @@ PROJECT=ringtrain-e2e-$$
 export COMPOSE_PROJECT_NAME=$PROJECT
 export RINGTRAIN_HOST_IP=127.0.0.1
 # A free loopback port for the coordinator's gRPC API (read back with `port`).
-RINGTRAIN_HOST_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+RINGTRAIN_HOST_PORT=$(free_port)
 export RINGTRAIN_HOST_PORT
 export RINGTRAIN_DATASET=$DATASET
 export RINGTRAIN_LOG_FORMAT=text
 FILE=$ROOT/deploy/docker-compose.yml
 compose() { "${COMPOSE[@]}" -f "$FILE" -p "$PROJECT" "$@"; }
 
-passed=0
-failed=0
-ok() {
-  passed=$((passed + 1))
-  say "ok: $*"
-}
-bad() {
-  failed=$((failed + 1))
-  say "FAIL: $*"
-}
-# A check whose failure makes the rest pointless.
-must() {
-  bad "$*"
-  finish
-}
-
 up=0
-finish() {
-  trap - EXIT INT TERM
-  if [ "$up" = 1 ]; then
-    if [ "$failed" -gt 0 ]; then
-      say "--- last logs ---"
-      compose logs --no-color --tail=40 >&2 2>&1 || true
-    fi
-    if [ "${E2E_KEEP:-0}" = 1 ]; then
-      say "E2E_KEEP=1: project $PROJECT left up (${COMPOSE[*]} -f $FILE -p $PROJECT down -v)"
-    else
-      compose down -v --remove-orphans --timeout 10 >/dev/null 2>&1 || true
-    fi
+cleanup() {
+  [ "$up" = 1 ] || return 0
+  if [ "$failed" -gt 0 ]; then
+    say "--- last logs ---"
+    compose logs --no-color --tail=40 >&2 2>&1 || true
   fi
-  echo "e2e took $((SECONDS - T0))s"
-  echo "e2e: $passed passed, $failed failed"
-  [ "$failed" = 0 ] && exit 0 || exit 1
-}
-trap finish EXIT
-trap 'bad "interrupted"; finish' INT TERM
-
-# wait_for SECONDS WHAT CMD...: polls CMD once a second until it succeeds or
-# the deadline passes (then it fails, naming WHAT).
-wait_for() {
-  local limit=$1 what=$2 deadline=$((SECONDS + $1))
-  shift 2
-  until "$@" >/dev/null 2>&1; do
-    if [ "$SECONDS" -ge "$deadline" ]; then
-      say "gave up after ${limit}s waiting for $what"
-      return 1
-    fi
-    sleep 1
-  done
-}
-
-fetch() {
-  if command -v curl >/dev/null 2>&1; then
-    curl -fsS --max-time 5 "$1"
+  if [ "${E2E_KEEP:-0}" = 1 ]; then
+    say "E2E_KEEP=1: project $PROJECT left up (${COMPOSE[*]} -f $FILE -p $PROJECT down -v)"
   else
-    python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())' "$1"
+    compose down -v --remove-orphans --timeout 10 >/dev/null 2>&1 || true
   fi
 }
 

@@ -4,23 +4,19 @@
 # processes on loopback), and the training metrics are read back through
 # Prometheus's HTTP API. Everything listens on 127.0.0.1 only.
 #
-#   deploy/prometheus-local.sh            # PROM_WORKERS (2), PROM_STEPS (1000)
+#   tests/deploy/prometheus-local.sh      # PROM_WORKERS (2), PROM_STEPS (1000)
 #
 # Also checks deploy/prometheus.yml (the compose cluster's config) with promtool.
-# Prints `SKIPPED: <reason>` and exits 0 where Prometheus cannot be installed.
+# Prints `SKIPPED: <reason>` where Prometheus cannot be installed (a failure
+# under CI).
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
+TEST_NAME=prometheus-local
+source tests/shell/lib.sh
 WORKERS=${PROM_WORKERS:-2}
 STEPS=${PROM_STEPS:-1000}
 BIN=$ROOT/target/release/ringtrain
-T0=$SECONDS
-
-say() { echo "prometheus-local: $*" >&2; }
-skip() {
-  echo "SKIPPED: $*"
-  exit 0
-}
 
 source scripts/env.sh
 ensure_dataset
@@ -28,35 +24,14 @@ if [ "${PROM_BUILD:-1}" = 1 ]; then
   ensure_venv
   build_release
 fi
-[ -x "$BIN" ] || {
-  say "no $BIN"
-  exit 1
-}
+[ -x "$BIN" ] || must "no $BIN"
 command -v python3 >/dev/null || skip "python3 (to read JSON) is missing"
-if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
-  say "installing Debian's prometheus package"
-  sudo=""
-  [ "$(id -u)" = 0 ] || sudo="sudo"
-  { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq \
-    --no-install-recommends prometheus >/dev/null; } || skip "cannot install Debian's prometheus package"
-fi
-
-passed=0
-failed=0
-ok() {
-  passed=$((passed + 1))
-  say "ok: $*"
-}
-bad() {
-  failed=$((failed + 1))
-  say "FAIL: $*"
-}
+ensure_debs prometheus || skip "cannot install Debian's prometheus package"
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/ringtrain-prom.XXXXXX")
 prom_pid=""
 local_pid=""
-finish() {
-  trap - EXIT INT TERM
+cleanup() {
   # Only the processes this script started, by their pid.
   for pid in $local_pid $prom_pid; do
     kill "$pid" 2>/dev/null || true
@@ -71,23 +46,6 @@ finish() {
     tail -20 "$tmp/local.log" >&2 2>/dev/null || true
   fi
   rm -rf "$tmp"
-  echo "prometheus-local took $((SECONDS - T0))s"
-  echo "prometheus-local: $passed passed, $failed failed"
-  [ "$failed" = 0 ] && exit 0 || exit 1
-}
-trap finish EXIT
-trap 'bad interrupted; finish' INT TERM
-
-wait_for() {
-  local limit=$1 what=$2 deadline=$((SECONDS + $1))
-  shift 2
-  until "$@" >/dev/null 2>&1; do
-    if [ "$SECONDS" -ge "$deadline" ]; then
-      say "gave up after ${limit}s waiting for $what"
-      return 1
-    fi
-    sleep 0.5
-  done
 }
 
 # The compose cluster's config is valid Prometheus configuration.
@@ -99,7 +57,7 @@ fi
 
 # Prometheus first, with its targets in a file filled in once the processes
 # are up (file_sd reloads it on change), so no step of the job goes unscraped.
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+port=$(free_port)
 PROM=http://127.0.0.1:$port
 echo '[]' >"$tmp/targets.json"
 cat >"$tmp/prometheus.yml" <<EOF
@@ -117,8 +75,7 @@ prometheus --config.file="$tmp/prometheus.yml" --storage.tsdb.path="$tmp/tsdb" \
 prom_pid=$!
 prom_ready() { python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + "/-/ready", timeout=2)' "$PROM"; }
 wait_for 60 "Prometheus on 127.0.0.1:$port" prom_ready && ok "Prometheus $(prometheus --version 2>&1 | head -1 | awk '{print $3}') ready on 127.0.0.1:$port" || {
-  bad "Prometheus did not start"
-  exit 1
+  must "Prometheus did not start"
 }
 
 # The local run, in the background.
@@ -126,20 +83,19 @@ wait_for 60 "Prometheus on 127.0.0.1:$port" prom_ready && ok "Prometheus $(prome
   --set max_steps="$STEPS" --set eval_every_steps=100 >"$tmp/local.out" 2>"$tmp/local.log" &
 local_pid=$!
 all_ready() {
-  [ -f "$tmp/run/coordinator.ready" ] || return 1
+  [ -f "$tmp/run/logs/coordinator.ready" ] || return 1
   local i
-  for i in $(seq 0 $((WORKERS - 1))); do [ -f "$tmp/run/worker-$i.ready" ] || return 1; done
+  for i in $(seq 0 $((WORKERS - 1))); do [ -f "$tmp/run/logs/worker-$i.ready" ] || return 1; done
 }
 wait_for 120 "the coordinator and $WORKERS workers" all_ready || {
-  bad "ringtrain local did not start"
-  exit 1
+  must "ringtrain local did not start"
 }
 python3 - "$tmp/run" "$WORKERS" >"$tmp/targets.json.new" <<'EOF'
 import json, sys
 run, n = sys.argv[1], int(sys.argv[2])
-out = [{"targets": [json.load(open(f"{run}/coordinator.ready"))["metrics"]], "labels": {"role": "coordinator"}}]
+out = [{"targets": [json.load(open(f"{run}/logs/coordinator.ready"))["metrics"]], "labels": {"role": "coordinator"}}]
 for i in range(n):
-    out.append({"targets": [json.load(open(f"{run}/worker-{i}.ready"))["metrics"]], "labels": {"role": "worker"}})
+    out.append({"targets": [json.load(open(f"{run}/logs/worker-{i}.ready"))["metrics"]], "labels": {"role": "worker"}})
 print(json.dumps(out))
 EOF
 mv "$tmp/targets.json.new" "$tmp/targets.json"
