@@ -9,12 +9,29 @@ use crate::wire::{TransportKind, WireEncoding};
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
     pub name: String,
-    /// `mlp` or `cnn` (as in shared/bench/peers/ddp_train.py).
-    pub model: ModelKind,
+    /// A built-in model (`mlp`, `cnn` as in shared/bench/peers/ddp_train.py,
+    /// `gpt`), or a TorchScript file (`net.pt`; `sha256:HEX` once uploaded).
+    pub model: ModelSource,
+    /// How the loss is computed: `cross_entropy` of the model's logits and
+    /// the targets, or `model` (`forward(inputs, targets)` returns the loss).
+    #[serde(default)]
+    pub loss: LossKind,
+    /// Settings of a built-in model (`gpt`: layers, heads, dim, context).
+    #[serde(default)]
+    pub model_config: ModelConfig,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[serde(default)]
+    pub device: DeviceSpec,
     pub dataset: DatasetSpec,
-    /// Samples per worker per step.
+    /// Samples per worker per micro-batch.
     pub batch_size: usize,
+    /// Micro-batches per step (gradient accumulation): one all-reduce per
+    /// step, a global batch of workers × batch_size × accumulate.
+    #[serde(default = "one")]
+    pub accumulate: usize,
     pub optimizer: OptimizerSpec,
+    #[serde(default)]
+    pub schedule: ScheduleSpec,
     /// Passes over the training set (0 = bounded by max_steps only).
     #[serde(default)]
     pub epochs: u64,
@@ -44,6 +61,22 @@ pub struct JobSpec {
     /// Evaluate on the test split every N steps (0 = only at the end).
     #[serde(default)]
     pub eval_every_steps: u64,
+    /// Start from these weights (a `.safetensors` file, or a checkpoint
+    /// directory), matched by name and shape.
+    #[serde(default)]
+    pub init_from: String,
+    /// With `init_from`: a tensor missing on either side is an error (true),
+    /// or skipped (false).
+    #[serde(default = "yes")]
+    pub strict: bool,
+    /// Parameters whose names start with one of these stay fixed: no
+    /// gradient, not in the ring's buffer.
+    #[serde(default)]
+    pub freeze: Vec<String>,
+    /// Parameters whose names start with one of these start fresh (after
+    /// `init_from`), e.g. a new head.
+    #[serde(default)]
+    pub reinit: Vec<String>,
     #[serde(default)]
     pub checkpoint: CheckpointSpec,
     #[serde(default)]
@@ -57,11 +90,18 @@ fn one() -> usize {
     1
 }
 
+fn yes() -> bool {
+    true
+}
+
+/// The built-in models.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ModelKind {
     Mlp,
     Cnn,
+    /// Decoder-only byte-level transformer.
+    Gpt,
 }
 
 impl std::fmt::Display for ModelKind {
@@ -69,6 +109,190 @@ impl std::fmt::Display for ModelKind {
         f.write_str(match self {
             ModelKind::Mlp => "mlp",
             ModelKind::Cnn => "cnn",
+            ModelKind::Gpt => "gpt",
+        })
+    }
+}
+
+/// Where a job's network comes from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum ModelSource {
+    Builtin(ModelKind),
+    /// A TorchScript file on the workers' file system.
+    ScriptFile(String),
+    /// A TorchScript file uploaded to the coordinator, by SHA-256.
+    ScriptBlob(BlobId),
+}
+
+/// The SHA-256 of a blob the coordinator stores, printed `sha256:HEX`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlobId(pub [u8; 32]);
+
+impl std::fmt::Display for BlobId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("sha256:")?;
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for BlobId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("'{}' is not a sha256:<64 hex digits> id", crate::quote(s));
+        let hex = s.strip_prefix("sha256:").ok_or_else(bad)?;
+        if hex.len() != 64 || !hex.is_ascii() {
+            return Err(bad());
+        }
+        let mut out = [0u8; 32];
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+        }
+        Ok(BlobId(out))
+    }
+}
+
+impl ModelSource {
+    pub fn builtin(&self) -> Option<ModelKind> {
+        match self {
+            ModelSource::Builtin(k) => Some(*k),
+            _ => None,
+        }
+    }
+
+    pub fn is_script(&self) -> bool {
+        !matches!(self, ModelSource::Builtin(_))
+    }
+}
+
+impl TryFrom<String> for ModelSource {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "mlp" => Ok(Self::Builtin(ModelKind::Mlp)),
+            "cnn" => Ok(Self::Builtin(ModelKind::Cnn)),
+            "gpt" => Ok(Self::Builtin(ModelKind::Gpt)),
+            blob if blob.starts_with("sha256:") => blob.parse().map(Self::ScriptBlob),
+            path if path.ends_with(".pt") || path.ends_with(".pth") => Ok(Self::ScriptFile(s)),
+            other => Err(format!(
+                "unknown model '{}' (mlp, cnn, gpt, or a TorchScript file ending in .pt)",
+                crate::quote(other)
+            )),
+        }
+    }
+}
+
+impl From<ModelSource> for String {
+    fn from(m: ModelSource) -> String {
+        m.to_string()
+    }
+}
+
+impl std::fmt::Display for ModelSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ModelSource::Builtin(k) => k.fmt(f),
+            ModelSource::ScriptFile(p) => f.write_str(p),
+            ModelSource::ScriptBlob(b) => b.fmt(f),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossKind {
+    /// Cross-entropy of logits `[N, C]` (or `[N, T, C]`) and class targets.
+    #[default]
+    CrossEntropy,
+    /// `forward(inputs, targets)` returns the (mean) loss itself.
+    Model,
+}
+
+/// Settings of the built-in transformer (ignored by other models).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    pub layers: usize,
+    pub heads: usize,
+    pub dim: usize,
+    /// Longest sequence (0 = the text data set's context).
+    pub context: usize,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            layers: 4,
+            heads: 4,
+            dim: 128,
+            context: 0,
+        }
+    }
+}
+
+/// Where tensors live while training.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum DeviceSpec {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+impl TryFrom<String> for DeviceSpec {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| {
+                    format!(
+                        "unknown device '{}' (cpu, cuda or cuda:N)",
+                        crate::quote(other)
+                    )
+                }),
+        }
+    }
+}
+
+impl From<DeviceSpec> for String {
+    fn from(d: DeviceSpec) -> String {
+        match d {
+            DeviceSpec::Cpu => "cpu".into(),
+            DeviceSpec::Cuda(n) => format!("cuda:{n}"),
+        }
+    }
+}
+
+/// Data set file formats.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataFormat {
+    /// MNIST's IDX files (gzipped or plain): `train-*`/`t10k-*` in `path`.
+    #[default]
+    Idx,
+    /// Tensors `inputs` and `targets` (any shape and dtype) in one file.
+    Safetensors,
+    /// A byte-level corpus: a text file or a folder of them.
+    Text,
+    /// CIFAR-10's binary batches (`data_batch_*.bin`, `test_batch.bin`).
+    Cifar,
+}
+
+impl std::fmt::Display for DataFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DataFormat::Idx => "idx",
+            DataFormat::Safetensors => "safetensors",
+            DataFormat::Text => "text",
+            DataFormat::Cifar => "cifar",
         })
     }
 }
@@ -76,22 +300,108 @@ impl std::fmt::Display for ModelKind {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatasetSpec {
-    /// Only `idx` (the MNIST file format, gzipped or not).
-    pub format: String,
-    /// Directory holding train-/t10k- images and labels.
+    pub format: DataFormat,
+    /// idx, cifar: a directory; safetensors: a file; text: a file or a
+    /// directory of them.
     pub path: String,
+    /// The test split: safetensors, text: a file of its own (optional).
+    #[serde(default)]
+    pub test_path: String,
+    /// text: bytes of context per sample (each sample predicts the next byte
+    /// at every position).
+    #[serde(default)]
+    pub context: usize,
+    /// text without `test_path`: the share of the corpus held out at its end.
+    #[serde(default = "tenth")]
+    pub test_fraction: f64,
+    /// Keep only samples of these classes (both splits).
+    #[serde(default)]
+    pub classes: Vec<i64>,
+    /// Keep only the first N training samples (after `classes`; 0 = all).
+    #[serde(default)]
+    pub limit: usize,
+}
+
+fn tenth() -> f64 {
+    0.1
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    #[default]
+    Sgd,
+    Adamw,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OptimizerSpec {
-    /// Only `sgd`.
-    pub kind: String,
+    pub kind: OptimizerKind,
     pub lr: f64,
+    /// sgd.
     #[serde(default)]
     pub momentum: f64,
+    /// sgd: L2 added to the gradient; adamw: decoupled (default 0.01, as
+    /// torch.optim.AdamW).
     #[serde(default)]
-    pub weight_decay: f64,
+    pub weight_decay: Option<f64>,
+    /// sgd with momentum.
+    #[serde(default)]
+    pub nesterov: bool,
+    /// adamw.
+    #[serde(default = "default_betas")]
+    pub betas: [f64; 2],
+    /// adamw.
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// Scale the reduced gradient so its global L2 norm is at most this
+    /// (0 = off).
+    #[serde(default)]
+    pub clip_grad_norm: f64,
+}
+
+fn default_betas() -> [f64; 2] {
+    [0.9, 0.999]
+}
+
+fn default_eps() -> f64 {
+    1e-8
+}
+
+impl OptimizerSpec {
+    pub fn weight_decay(&self) -> f64 {
+        self.weight_decay.unwrap_or(match self.kind {
+            OptimizerKind::Sgd => 0.0,
+            OptimizerKind::Adamw => 0.01,
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleKind {
+    #[default]
+    Constant,
+    /// lr × gamma every `step_size` steps.
+    Step,
+    /// Half a cosine from lr to `min_lr` over the job's steps.
+    Cosine,
+}
+
+/// The learning rate over the job's steps: a linear warm-up from 0, then
+/// the kind's curve.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScheduleSpec {
+    pub kind: ScheduleKind,
+    pub warmup_steps: u64,
+    /// step.
+    pub step_size: u64,
+    /// step (0 = 0.1).
+    pub gamma: f64,
+    /// cosine.
+    pub min_lr: f64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -173,14 +483,14 @@ impl JobSpec {
         self.max_workers.max(self.workers)
     }
 
-    /// The global batch of a step taken by `world` workers.
+    /// The global batch of a step taken by `world` workers (all micro-batches).
     pub fn global_batch(&self, world: usize) -> u64 {
         let w = if self.keep_global_batch {
             self.workers
         } else {
             world
         };
-        (w * self.batch_size) as u64
+        (w * self.batch_size * self.accumulate.max(1)) as u64
     }
 
     pub fn to_toml(&self) -> String {
@@ -190,12 +500,6 @@ impl JobSpec {
     pub fn validate(&self) -> Result<(), SpecError> {
         if self.name.trim().is_empty() {
             return Err(invalid("name", "must not be empty"));
-        }
-        if self.dataset.format != "idx" {
-            return Err(invalid(
-                "dataset.format",
-                format!("'{}' is not supported (only \"idx\")", self.dataset.format),
-            ));
         }
         if self.dataset.path.trim().is_empty() {
             return Err(invalid("dataset.path", "must not be empty"));
@@ -224,12 +528,6 @@ impl JobSpec {
                 ),
             ));
         }
-        if self.optimizer.kind != "sgd" {
-            return Err(invalid(
-                "optimizer.kind",
-                format!("'{}' is not supported (only \"sgd\")", self.optimizer.kind),
-            ));
-        }
         let o = &self.optimizer;
         if !(o.lr.is_finite() && o.lr > 0.0) {
             return Err(invalid(
@@ -243,10 +541,10 @@ impl JobSpec {
                 format!("must be in [0, 1) (got {})", o.momentum),
             ));
         }
-        if !(o.weight_decay.is_finite() && o.weight_decay >= 0.0) {
+        if !(o.weight_decay().is_finite() && o.weight_decay() >= 0.0) {
             return Err(invalid(
                 "optimizer.weight_decay",
-                format!("must be >= 0 (got {})", o.weight_decay),
+                format!("must be >= 0 (got {})", o.weight_decay()),
             ));
         }
         if self.epochs == 0 && self.max_steps == 0 {
@@ -260,6 +558,135 @@ impl JobSpec {
         }
         if self.threads == 0 {
             return Err(invalid("threads", "must be at least 1"));
+        }
+        self.validate_training()
+    }
+}
+
+impl JobSpec {
+    /// The checks of what a job trains with: model, data, optimizer, schedule.
+    fn validate_training(&self) -> Result<(), SpecError> {
+        let d = &self.dataset;
+        if d.format == DataFormat::Text && d.context == 0 {
+            return Err(invalid(
+                "dataset.context",
+                "must be set for text (bytes per sample)",
+            ));
+        }
+        if d.format != DataFormat::Text && d.context != 0 {
+            return Err(invalid(
+                "dataset.context",
+                format!("applies to text data only, not {}", d.format),
+            ));
+        }
+        if !(d.test_fraction > 0.0 && d.test_fraction < 1.0) {
+            return Err(invalid(
+                "dataset.test_fraction",
+                format!("must be in (0, 1) (got {})", d.test_fraction),
+            ));
+        }
+        if let Some(c) = d.classes.iter().find(|&&c| c < 0) {
+            return Err(invalid("dataset.classes", format!("{c} is not a class")));
+        }
+        if self.accumulate == 0 {
+            return Err(invalid("accumulate", "must be at least 1"));
+        }
+        if self.model.builtin() == Some(ModelKind::Gpt) {
+            let m = &self.model_config;
+            if m.layers == 0 || m.heads == 0 || m.dim == 0 {
+                return Err(invalid(
+                    "model_config",
+                    "layers, heads and dim must be at least 1",
+                ));
+            }
+            if m.dim % m.heads != 0 {
+                return Err(invalid(
+                    "model_config.dim",
+                    format!("({}) must be a multiple of heads ({})", m.dim, m.heads),
+                ));
+            }
+            if d.format != DataFormat::Text {
+                return Err(invalid(
+                    "dataset.format",
+                    format!("gpt trains on text, not {}", d.format),
+                ));
+            }
+            if m.context != 0 && m.context < d.context {
+                return Err(invalid(
+                    "model_config.context",
+                    format!(
+                        "({}) is shorter than dataset.context ({})",
+                        m.context, d.context
+                    ),
+                ));
+            }
+        }
+        if self.loss == LossKind::Model && !self.model.is_script() {
+            return Err(invalid(
+                "loss",
+                "\"model\" needs a TorchScript model whose forward returns the loss",
+            ));
+        }
+        for (key, prefixes) in [("freeze", &self.freeze), ("reinit", &self.reinit)] {
+            if let Some(p) = prefixes.iter().find(|p| p.is_empty()) {
+                return Err(invalid(
+                    key,
+                    format!("{p:?}: an empty prefix would match every parameter"),
+                ));
+            }
+        }
+        let o = &self.optimizer;
+        match o.kind {
+            OptimizerKind::Sgd => {
+                if o.nesterov && o.momentum == 0.0 {
+                    return Err(invalid("optimizer.nesterov", "needs momentum > 0"));
+                }
+            }
+            OptimizerKind::Adamw => {
+                if o.momentum != 0.0 || o.nesterov {
+                    return Err(invalid(
+                        "optimizer.momentum",
+                        "applies to sgd, not adamw (see betas)",
+                    ));
+                }
+                if let Some(b) = o.betas.iter().find(|b| !(0.0..1.0).contains(*b)) {
+                    return Err(invalid(
+                        "optimizer.betas",
+                        format!("must be in [0, 1) (got {b})"),
+                    ));
+                }
+                if !(o.eps.is_finite() && o.eps > 0.0) {
+                    return Err(invalid(
+                        "optimizer.eps",
+                        format!("must be a positive number (got {})", o.eps),
+                    ));
+                }
+            }
+        }
+        if !(o.clip_grad_norm.is_finite() && o.clip_grad_norm >= 0.0) {
+            return Err(invalid(
+                "optimizer.clip_grad_norm",
+                format!("must be >= 0 (got {})", o.clip_grad_norm),
+            ));
+        }
+        let s = &self.schedule;
+        if s.kind == ScheduleKind::Step && s.step_size == 0 {
+            return Err(invalid(
+                "schedule.step_size",
+                "must be set for kind = \"step\"",
+            ));
+        }
+        if !(s.gamma.is_finite() && s.gamma >= 0.0) {
+            return Err(invalid(
+                "schedule.gamma",
+                format!("must be >= 0 (got {})", s.gamma),
+            ));
+        }
+        if !(s.min_lr.is_finite() && s.min_lr >= 0.0 && s.min_lr <= o.lr) {
+            return Err(invalid(
+                "schedule.min_lr",
+                format!("must be in [0, optimizer.lr] (got {})", s.min_lr),
+            ));
         }
         Ok(())
     }
@@ -351,7 +778,7 @@ momentum = 0.9
     #[test]
     fn the_example_parses_and_overrides_apply() {
         let spec = JobSpec::parse(EXAMPLE, &[]).unwrap();
-        assert_eq!(spec.model, ModelKind::Cnn);
+        assert_eq!(spec.model, ModelSource::Builtin(ModelKind::Cnn));
         assert_eq!(spec.threads, 1);
         let spec = JobSpec::parse(
             EXAMPLE,
@@ -363,8 +790,8 @@ momentum = 0.9
         )
         .unwrap();
         assert_eq!(
-            (spec.batch_size, spec.optimizer.lr, spec.model),
-            (16, 0.1, ModelKind::Mlp)
+            (spec.batch_size, spec.optimizer.lr, spec.model.clone()),
+            (16, 0.1, ModelSource::Builtin(ModelKind::Mlp))
         );
         let again = JobSpec::parse(&spec.to_toml(), &[]).unwrap();
         assert_eq!(again, spec);
@@ -421,5 +848,55 @@ momentum = 0.9
         let err = JobSpec::parse("name = 'x'", &[]).unwrap_err().to_string();
         assert!(err.contains("missing field"), "{err}");
         assert!(!err.contains('\n'), "one line: {err}");
+    }
+
+    #[test]
+    fn models_devices_and_training_options_parse_and_round_trip() {
+        let spec = JobSpec::parse(
+            EXAMPLE,
+            &[
+                "model=nets/resnet.pt".into(),
+                "loss=model".into(),
+                "device=cuda:1".into(),
+                "optimizer.kind=adamw".into(),
+                "optimizer.momentum=0".into(),
+                "schedule.kind=cosine".into(),
+                "schedule.warmup_steps=10".into(),
+                "accumulate=4".into(),
+                "freeze=[\"c1\", \"c2\"]".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(spec.model, ModelSource::ScriptFile("nets/resnet.pt".into()));
+        assert_eq!(spec.device, DeviceSpec::Cuda(1));
+        assert_eq!(
+            spec.optimizer.weight_decay(),
+            0.01,
+            "torch.optim.AdamW's default"
+        );
+        assert_eq!(spec.global_batch(4), 4 * 64 * 4);
+        assert_eq!(JobSpec::parse(&spec.to_toml(), &[]).unwrap(), spec);
+        let blob = format!("sha256:{}", "ab".repeat(32));
+        let spec = JobSpec::parse(EXAMPLE, &[format!("model={blob}")]).unwrap();
+        assert_eq!(spec.model.to_string(), blob);
+    }
+
+    #[test]
+    fn bad_training_options_name_the_key() {
+        let err = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            JobSpec::parse(EXAMPLE, &sets).unwrap_err().to_string()
+        };
+        assert!(err(&["device=tpu"]).contains("unknown device 'tpu' (cpu, cuda or cuda:N)"));
+        assert!(err(&["model=resnet"]).contains("unknown model 'resnet'"));
+        assert!(err(&["model=sha256:12"]).contains("sha256:<64 hex digits>"));
+        assert!(err(&["loss=model"]).contains("loss \"model\" needs a TorchScript model"));
+        assert!(err(&["dataset.format=text"]).contains("dataset.context must be set"));
+        assert!(err(&["optimizer.nesterov=true", "optimizer.momentum=0"])
+            .contains("nesterov needs momentum"));
+        assert!(err(&["schedule.kind=step"]).contains("schedule.step_size must be set"));
+        assert!(err(&["model=gpt"]).contains("gpt trains on text"));
+        assert!(err(&["freeze=[\"\"]"]).contains("freeze"));
+        assert!(err(&["accumulate=0"]).contains("accumulate must be at least 1"));
     }
 }

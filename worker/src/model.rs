@@ -167,7 +167,7 @@ impl Model {
                 f1: linear(&root / "f1", 3136, 1024),
                 f2: linear(&root / "f2", 1024, 10),
             })),
-            ModelKind::Mlp => {
+            ModelKind::Mlp | ModelKind::Gpt => {
                 let seq = &root / "net";
                 Net::Mlp {
                     l1: linear(&seq / "1", 784, 512),

@@ -176,13 +176,16 @@ fn fresh_state(a: &Assignment) -> Result<TrainingState, TrainError> {
     let dir = std::path::Path::new(&spec.dataset.path);
     let train = data::load_idx_split(dir, true)?;
     let test = data::load_idx_split(dir, false)?;
-    let model = Model::new(spec.model, spec.seed as i64);
+    let kind = spec.model.builtin().ok_or(TrainError::Stopped(
+        "this worker trains built-in models only",
+    ))?;
+    let model = Model::new(kind, spec.seed as i64);
     let mut params = vec![0f32; model.num_params()];
     model.params_to_flat(&mut params);
     let sgd = Sgd::new(
         spec.optimizer.lr as f32,
         spec.optimizer.momentum as f32,
-        spec.optimizer.weight_decay as f32,
+        spec.optimizer.weight_decay() as f32,
     );
     Ok(TrainingState {
         job: a.job,

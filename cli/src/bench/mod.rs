@@ -2,6 +2,7 @@
 //! same shape as the reference benchmarks in `shared/bench/peers/`.
 
 mod allreduce;
+mod faults;
 mod recovery;
 mod train;
 
@@ -18,6 +19,8 @@ pub enum BenchCommand {
     Train(train::TrainArgs),
     /// Time from a worker's death, and from a new worker's start, to the next completed step.
     Recovery(recovery::RecoveryArgs),
+    /// Test accuracy with a worker killed at given steps, against fault-free runs, per seed.
+    Faults(faults::FaultsArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -26,6 +29,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::AllreduceRank(args) => allreduce::run_rank(args),
         BenchCommand::Train(args) => runtime()?.block_on(train::run(args)),
         BenchCommand::Recovery(args) => runtime()?.block_on(recovery::run(args)),
+        BenchCommand::Faults(args) => runtime()?.block_on(faults::run(args)),
     }
 }
 
