@@ -1,9 +1,15 @@
-//! Checkpoints: a directory with `model.safetensors` (one F32 tensor per
-//! parameter under its layout name, plus `momentum.<name>` for the optimizer
-//! state; loadable by `safetensors.torch.load_file`) and `checkpoint.json`
-//! (where training stands). Each file is replaced atomically, the JSON last,
-//! and the JSON carries a hash of the parameters, so a checkpoint torn between
-//! the two renames is detected on load.
+//! Checkpoints: a directory with
+//! - `model.safetensors`: the model's state under its own names, trained and
+//!   frozen parameters and buffers with their dtypes (what `state_dict()`
+//!   holds in PyTorch: `module.load_state_dict(safetensors.torch.load_file(..))`
+//!   takes it as it is);
+//! - `optimizer.safetensors`: the optimizer's state, `<state>.<parameter>`
+//!   (e.g. `momentum.f1.weight`, `exp_avg.f1.weight`), F32;
+//! - `checkpoint.json`: where training stands.
+//!
+//! Each file is replaced atomically, the JSON last, and the JSON carries
+//! hashes of the trained parameters and of the optimizer state, so a
+//! checkpoint torn between the renames is detected on load.
 
 use std::collections::HashMap;
 use std::fs;
@@ -16,12 +22,13 @@ use ringtrain_common::ParamVersion;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensorError, SafeTensors};
 use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
 
-use crate::model::ParamLayout;
+use crate::model::{tensor_bytes, ParamLayout};
 
 pub const MODEL_FILE: &str = "model.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const META_FILE: &str = "checkpoint.json";
-const MOMENTUM_PREFIX: &str = "momentum.";
 
 /// Where training stands, as `checkpoint.json` says.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,70 +38,208 @@ pub struct CheckpointMeta {
     pub epoch: u64,
     pub shard_cursor: ShardCursor,
     pub model: String,
+    /// Trained parameters (elements).
     pub num_params: usize,
-    /// [`param_hash`] of the parameters in `model.safetensors`.
+    /// [`param_hash`] of the trained parameters.
     pub param_hash: u64,
+    /// [`param_hash`] of the optimizer state, in its file's order (0 when none).
+    #[serde(default)]
+    pub optimizer_hash: u64,
 }
 
-/// Why a checkpoint could not be written or read. Each names the checkpoint
-/// directory, and the file or tensor involved.
+/// Why a checkpoint (or a weights file) could not be written or read. Each
+/// names the directory or file, and the tensor involved.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     #[error("checkpoint {}: {file} not found", dir.display())]
     NotFound { dir: PathBuf, file: &'static str },
-    #[error("checkpoint {}: {file}: {source}", dir.display())]
+    #[error("{}: {source}", path.display())]
     Io {
-        dir: PathBuf,
-        file: String,
+        path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("checkpoint {}: {MODEL_FILE}: {source}", dir.display())]
+    #[error("{}: not a safetensors file: {source}", path.display())]
     Safetensors {
-        dir: PathBuf,
+        path: PathBuf,
         #[source]
         source: SafeTensorError,
     },
-    #[error("checkpoint {}: {META_FILE}: {source}", dir.display())]
+    #[error("{}: {source}", path.display())]
     Json {
-        dir: PathBuf,
+        path: PathBuf,
         #[source]
         source: serde_json::Error,
     },
-    #[error("checkpoint {}: {MODEL_FILE} lacks tensor {name}", dir.display())]
-    MissingTensor { dir: PathBuf, name: String },
-    #[error(
-        "checkpoint {}: {MODEL_FILE} tensor {name} is {dtype:?} {shape:?}, expected F32 {expected:?}",
-        dir.display()
-    )]
-    BadTensor {
-        dir: PathBuf,
+    #[error("{}: tensor {name}: {problem}", path.display())]
+    Tensor {
+        path: PathBuf,
         name: String,
-        dtype: Dtype,
-        shape: Vec<usize>,
-        expected: Vec<usize>,
+        problem: String,
     },
     /// The files disagree with each other or with the model.
     #[error("checkpoint {}: {what}", dir.display())]
     Inconsistent { dir: PathBuf, what: String },
 }
 
-/// xxh3-64 of the parameters' little-endian bytes: replicas that hash alike
-/// hold bit-identical parameters.
+/// xxh3-64 of f32 values' little-endian bytes: replicas that hash alike
+/// hold bit-identical values.
 pub fn param_hash(params: &[f32]) -> u64 {
     // Native byte order is little-endian on every target we build for.
     xxhash_rust::xxh3::xxh3_64(bytemuck::cast_slice(params))
 }
 
-/// Writes the checkpoint into `dir` (created if missing) and returns `dir`.
-/// `num_params` and `param_hash` in the JSON are computed from `params`,
-/// whatever `meta` holds.
+fn dtype_of(kind: Kind) -> Option<Dtype> {
+    Some(match kind {
+        Kind::Float => Dtype::F32,
+        Kind::Double => Dtype::F64,
+        Kind::Half => Dtype::F16,
+        Kind::BFloat16 => Dtype::BF16,
+        Kind::Int64 => Dtype::I64,
+        Kind::Int => Dtype::I32,
+        Kind::Int16 => Dtype::I16,
+        Kind::Int8 => Dtype::I8,
+        Kind::Uint8 => Dtype::U8,
+        Kind::Bool => Dtype::BOOL,
+        _ => return None,
+    })
+}
+
+fn kind_of(dtype: Dtype) -> Option<Kind> {
+    Some(match dtype {
+        Dtype::F32 => Kind::Float,
+        Dtype::F64 => Kind::Double,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::I64 => Kind::Int64,
+        Dtype::I32 => Kind::Int,
+        Dtype::I16 => Kind::Int16,
+        Dtype::I8 => Kind::Int8,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::BOOL => Kind::Bool,
+        _ => return None,
+    })
+}
+
+/// Serializes named tensors (any dtype safetensors has) to safetensors bytes.
+fn serialize(path: &Path, tensors: &[(String, Tensor)]) -> Result<Vec<u8>, CheckpointError> {
+    let mut bytes = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let dtype = dtype_of(t.kind()).ok_or_else(|| CheckpointError::Tensor {
+            path: path.to_owned(),
+            name: name.clone(),
+            problem: format!("dtype {:?} cannot be stored", t.kind()),
+        })?;
+        let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+        bytes.push((name.clone(), dtype, shape, tensor_bytes(t)));
+    }
+    let views = bytes
+        .iter()
+        .map(|(name, dtype, shape, data)| {
+            TensorView::new(*dtype, shape.clone(), data)
+                .map(|v| (name.clone(), v))
+                .map_err(|source| CheckpointError::Safetensors {
+                    path: path.to_owned(),
+                    source,
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // What transformers-style loaders expect to find.
+    let info = HashMap::from([("format".to_owned(), "pt".to_owned())]);
+    safetensors::serialize(views, Some(info)).map_err(|source| CheckpointError::Safetensors {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Every tensor of a safetensors file, as CPU tensors of its dtypes.
+pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>, CheckpointError> {
+    let bytes = fs::read(path).map_err(|source| CheckpointError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    decode(path, &bytes)
+}
+
+fn decode(path: &Path, bytes: &[u8]) -> Result<HashMap<String, Tensor>, CheckpointError> {
+    let st = SafeTensors::deserialize(bytes).map_err(|source| CheckpointError::Safetensors {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        let kind = kind_of(view.dtype()).ok_or_else(|| CheckpointError::Tensor {
+            path: path.to_owned(),
+            name: name.clone(),
+            problem: format!("dtype {:?} is not supported", view.dtype()),
+        })?;
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        out.insert(name, Tensor::from_data_size(view.data(), &shape, kind));
+    }
+    Ok(out)
+}
+
+/// The weights file `init_from` names: a .safetensors file, or a checkpoint
+/// directory's model file.
+pub fn weights_file(path: &Path) -> PathBuf {
+    if path.is_dir() {
+        path.join(MODEL_FILE)
+    } else {
+        path.to_owned()
+    }
+}
+
+/// Flattens the named F32 tensors of `layout` from `tensors`.
+fn flatten(
+    path: &Path,
+    tensors: &HashMap<String, Tensor>,
+    layout: &ParamLayout,
+    prefix: &str,
+) -> Result<Vec<f32>, CheckpointError> {
+    let mut flat = vec![0f32; layout.total()];
+    for spec in layout.params() {
+        let name = format!("{prefix}{}", spec.name);
+        let bad = |problem: String| CheckpointError::Tensor {
+            path: path.to_owned(),
+            name: name.clone(),
+            problem,
+        };
+        let t = tensors.get(&name).ok_or_else(|| bad("missing".into()))?;
+        if t.kind() != Kind::Float || t.size() != spec.shape {
+            return Err(bad(format!(
+                "is {:?} {:?}, expected Float {:?}",
+                t.kind(),
+                t.size(),
+                spec.shape
+            )));
+        }
+        t.copy_data(&mut flat[spec.range()], spec.len);
+    }
+    Ok(flat)
+}
+
+/// Everything a checkpoint holds.
+#[derive(Debug)]
+pub struct Checkpoint {
+    pub meta: CheckpointMeta,
+    /// The trained parameters, flat in the layout's order.
+    pub params: Vec<f32>,
+    /// Every tensor of the model file, by its own name.
+    pub model: HashMap<String, Tensor>,
+    /// Optimizer state: (state name, flat over the layout).
+    pub optimizer: Vec<(String, Vec<f32>)>,
+}
+
+/// Writes a checkpoint into `dir` (created if missing) and returns `dir`:
+/// `state` (the model's named tensors, the trained ones as of `params`),
+/// and the optimizer's state buffers, flat over `layout`.
 pub fn save(
     dir: &Path,
     meta: &CheckpointMeta,
+    state: &[(String, Tensor)],
     layout: &ParamLayout,
     params: &[f32],
-    momentum: Option<&[f32]>,
+    optimizer: &[(&str, &[f32])],
 ) -> Result<PathBuf, CheckpointError> {
     let inconsistent = |what: String| CheckpointError::Inconsistent {
         dir: dir.to_owned(),
@@ -107,61 +252,63 @@ pub fn save(
             params.len()
         )));
     }
-    if let Some(m) = momentum.filter(|m| m.len() != total) {
+    if let Some((name, buf)) = optimizer.iter().find(|(_, b)| b.len() != total) {
         return Err(inconsistent(format!(
-            "{} momentum values to save, the model has {total} parameters",
-            m.len()
+            "{} {name} values to save, the model has {total} parameters",
+            buf.len()
         )));
     }
     fs::create_dir_all(dir).map_err(|source| CheckpointError::Io {
-        dir: dir.to_owned(),
-        file: "creating the directory".to_owned(),
+        path: dir.to_owned(),
         source,
     })?;
-
-    let st_err = |source| CheckpointError::Safetensors {
-        dir: dir.to_owned(),
-        source,
-    };
-    let mut views = Vec::with_capacity(layout.params().len() * 2);
-    for (prefix, flat) in [("", Some(params)), (MOMENTUM_PREFIX, momentum)] {
-        let Some(flat) = flat else { continue };
+    let model_path = dir.join(MODEL_FILE);
+    atomic_write(dir, MODEL_FILE, &serialize(&model_path, state)?)?;
+    let mut optim_tensors = Vec::new();
+    let mut optim_flat: Vec<f32> = Vec::new();
+    for (name, buf) in optimizer {
         for spec in layout.params() {
-            let shape = spec.shape.iter().map(|&d| d as usize).collect();
-            let bytes = bytemuck::cast_slice(&flat[spec.range()]);
-            let view = TensorView::new(Dtype::F32, shape, bytes).map_err(st_err)?;
-            views.push((format!("{prefix}{}", spec.name), view));
+            let t = Tensor::from_slice(&buf[spec.range()]).view(spec.shape.as_slice());
+            optim_tensors.push((format!("{name}.{}", spec.name), t));
         }
+        optim_flat.extend_from_slice(buf);
     }
-    // What transformers-style loaders expect to find.
-    let info = HashMap::from([("format".to_owned(), "pt".to_owned())]);
-    let bytes = safetensors::serialize(views, Some(info)).map_err(st_err)?;
-    atomic_write(dir, MODEL_FILE, &bytes)?;
-
+    let optim_path = dir.join(OPTIMIZER_FILE);
+    atomic_write(
+        dir,
+        OPTIMIZER_FILE,
+        &serialize(&optim_path, &optim_tensors)?,
+    )?;
     let meta = CheckpointMeta {
         num_params: total,
         param_hash: param_hash(params),
+        optimizer_hash: if optim_flat.is_empty() {
+            0
+        } else {
+            param_hash(&optim_flat)
+        },
         ..meta.clone()
     };
     let json = serde_json::to_vec_pretty(&meta).map_err(|source| CheckpointError::Json {
-        dir: dir.to_owned(),
+        path: dir.join(META_FILE),
         source,
     })?;
     atomic_write(dir, META_FILE, &json)?;
     Ok(dir.to_owned())
 }
 
-/// What [`load`] returns: the metadata, the parameters, and the momentum
-/// buffer if the checkpoint has one.
-pub type Loaded = (CheckpointMeta, Vec<f32>, Option<Vec<f32>>);
-
-/// Reads the checkpoint in `dir` for a model with `layout`: the metadata, the
-/// parameters, and the momentum buffer if the checkpoint has one.
-pub fn load(dir: &Path, layout: &ParamLayout) -> Result<Loaded, CheckpointError> {
+/// Reads the checkpoint in `dir` for a model whose trained parameters are
+/// `layout`, with optimizer state of the `optimizer_states` names.
+pub fn load(
+    dir: &Path,
+    layout: &ParamLayout,
+    optimizer_states: &[&str],
+) -> Result<Checkpoint, CheckpointError> {
+    let meta_path = dir.join(META_FILE);
     let meta_bytes = read(dir, META_FILE)?;
     let meta: CheckpointMeta =
         serde_json::from_slice(&meta_bytes).map_err(|source| CheckpointError::Json {
-            dir: dir.to_owned(),
+            path: meta_path,
             source,
         })?;
     let inconsistent = |what: String| CheckpointError::Inconsistent {
@@ -170,27 +317,15 @@ pub fn load(dir: &Path, layout: &ParamLayout) -> Result<Loaded, CheckpointError>
     };
     if meta.num_params != layout.total() {
         return Err(inconsistent(format!(
-            "{META_FILE} has {} parameters (model {}), this model has {}",
+            "{META_FILE} has {} parameters (model {}), this model trains {}",
             meta.num_params,
             meta.model,
             layout.total()
         )));
     }
-
-    let model_bytes = read(dir, MODEL_FILE)?;
-    let st =
-        SafeTensors::deserialize(&model_bytes).map_err(|source| CheckpointError::Safetensors {
-            dir: dir.to_owned(),
-            source,
-        })?;
-    let params = read_tensors(dir, &st, layout, "")?;
-    let has_momentum = st.names().iter().any(|n| n.starts_with(MOMENTUM_PREFIX));
-    let momentum = if has_momentum {
-        Some(read_tensors(dir, &st, layout, MOMENTUM_PREFIX)?)
-    } else {
-        None
-    };
-
+    let model_path = dir.join(MODEL_FILE);
+    let model = decode(&model_path, &read(dir, MODEL_FILE)?)?;
+    let params = flatten(&model_path, &model, layout, "")?;
     let hash = param_hash(&params);
     if hash != meta.param_hash {
         return Err(inconsistent(format!(
@@ -198,47 +333,35 @@ pub fn load(dir: &Path, layout: &ParamLayout) -> Result<Loaded, CheckpointError>
             meta.param_hash
         )));
     }
-    Ok((meta, params, momentum))
-}
-
-fn read_tensors(
-    dir: &Path,
-    st: &SafeTensors<'_>,
-    layout: &ParamLayout,
-    prefix: &str,
-) -> Result<Vec<f32>, CheckpointError> {
-    let mut flat = vec![0.0f32; layout.total()];
-    for spec in layout.params() {
-        let name = format!("{prefix}{}", spec.name);
-        let view = match st.tensor(&name) {
-            Ok(v) => v,
-            Err(SafeTensorError::TensorNotFound(_)) => {
-                return Err(CheckpointError::MissingTensor {
-                    dir: dir.to_owned(),
-                    name,
-                })
-            }
-            Err(source) => {
-                return Err(CheckpointError::Safetensors {
-                    dir: dir.to_owned(),
-                    source,
-                })
-            }
-        };
-        let expected: Vec<usize> = spec.shape.iter().map(|&d| d as usize).collect();
-        if view.dtype() != Dtype::F32 || view.shape() != expected.as_slice() {
-            return Err(CheckpointError::BadTensor {
-                dir: dir.to_owned(),
-                name,
-                dtype: view.dtype(),
-                shape: view.shape().to_vec(),
-                expected,
-            });
+    let optim_path = dir.join(OPTIMIZER_FILE);
+    let optim = decode(&optim_path, &read(dir, OPTIMIZER_FILE)?)?;
+    let mut optimizer = Vec::new();
+    let mut optim_flat = Vec::new();
+    for name in optimizer_states {
+        let prefix = format!("{name}.");
+        if !optim.keys().any(|k| k.starts_with(&prefix)) {
+            continue;
         }
-        // Byte copy: the view's data need not be 4-byte aligned.
-        bytemuck::cast_slice_mut::<f32, u8>(&mut flat[spec.range()]).copy_from_slice(view.data());
+        let flat = flatten(&optim_path, &optim, layout, &prefix)?;
+        optim_flat.extend_from_slice(&flat);
+        optimizer.push((name.to_string(), flat));
     }
-    Ok(flat)
+    let optim_hash = if optim_flat.is_empty() {
+        0
+    } else {
+        param_hash(&optim_flat)
+    };
+    if optim_hash != meta.optimizer_hash {
+        return Err(inconsistent(format!(
+            "{OPTIMIZER_FILE} does not match {META_FILE} (torn checkpoint, or another optimizer's)"
+        )));
+    }
+    Ok(Checkpoint {
+        meta,
+        params,
+        model,
+        optimizer,
+    })
 }
 
 fn read(dir: &Path, file: &'static str) -> Result<Vec<u8>, CheckpointError> {
@@ -248,8 +371,7 @@ fn read(dir: &Path, file: &'static str) -> Result<Vec<u8>, CheckpointError> {
             file,
         },
         _ => CheckpointError::Io {
-            dir: dir.to_owned(),
-            file: file.to_owned(),
+            path: dir.join(file),
             source,
         },
     })
@@ -273,8 +395,7 @@ fn atomic_write(dir: &Path, file: &str, bytes: &[u8]) -> Result<(), CheckpointEr
     write().map_err(|source| {
         let _ = fs::remove_file(&tmp);
         CheckpointError::Io {
-            dir: dir.to_owned(),
-            file: file.to_owned(),
+            path: dir.join(file),
             source,
         }
     })?;
@@ -309,6 +430,7 @@ mod tests {
             model: "mlp".into(),
             num_params: 0,
             param_hash: 0,
+            optimizer_hash: 0,
         }
     }
 
@@ -316,63 +438,95 @@ mod tests {
         (0..n).map(|i| base + i as f32 * 0.5).collect()
     }
 
+    /// The model's state for flat `params`, plus an int buffer.
+    fn state(l: &ParamLayout, params: &[f32]) -> Vec<(String, Tensor)> {
+        let mut out: Vec<(String, Tensor)> = l
+            .params()
+            .iter()
+            .map(|p| {
+                let t = Tensor::from_slice(&params[p.range()]).view(p.shape.as_slice());
+                (p.name.clone(), t)
+            })
+            .collect();
+        out.push(("bn.num_batches_tracked".into(), Tensor::from(41i64)));
+        out
+    }
+
     #[test]
-    fn round_trip_with_and_without_momentum() {
+    fn round_trip_with_and_without_optimizer_state() {
         let l = layout();
         assert_eq!(l.total(), 13);
         let params = values(13, -3.0);
         let mom = values(13, 100.0);
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("nested/ckpt");
-
-        assert_eq!(save(&dir, &meta(), &l, &params, Some(&mom)).unwrap(), dir);
-        let (m, p, mo) = load(&dir, &l).unwrap();
-        assert_eq!(p, params);
-        assert_eq!(mo.as_deref(), Some(mom.as_slice()));
-        let want = CheckpointMeta {
-            num_params: 13,
-            param_hash: param_hash(&params),
-            ..meta()
-        };
-        assert_eq!(m, want);
+        let saved = save(
+            &dir,
+            &meta(),
+            &state(&l, &params),
+            &l,
+            &params,
+            &[("momentum", &mom)],
+        );
+        assert_eq!(saved.unwrap(), dir);
+        let c = load(&dir, &l, &["momentum"]).unwrap();
+        assert_eq!(c.params, params);
+        assert_eq!(c.optimizer, [("momentum".to_string(), mom.clone())]);
+        assert_eq!(c.model["bn.num_batches_tracked"].int64_value(&[]), 41);
+        assert_eq!(c.model["bn.num_batches_tracked"].kind(), Kind::Int64);
+        assert_eq!(c.meta.num_params, 13);
+        assert_eq!(c.meta.param_hash, param_hash(&params));
 
         // Overwriting in place drops the momentum and leaves no temp files.
         let params2 = values(13, 7.0);
-        save(&dir, &meta(), &l, &params2, None).unwrap();
-        let (_, p, mo) = load(&dir, &l).unwrap();
-        assert_eq!((p, mo), (params2, None));
+        save(&dir, &meta(), &state(&l, &params2), &l, &params2, &[]).unwrap();
+        let c = load(&dir, &l, &["momentum"]).unwrap();
+        assert_eq!((c.params, c.optimizer), (params2, vec![]));
         let mut names: Vec<_> = fs::read_dir(&dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         names.sort();
-        assert_eq!(names, [META_FILE, MODEL_FILE]);
+        assert_eq!(names, [META_FILE, MODEL_FILE, OPTIMIZER_FILE]);
     }
 
     #[test]
-    fn tensors_are_stored_under_layout_names_and_shapes() {
+    fn tensors_are_stored_under_their_names_shapes_and_dtypes() {
         let l = layout();
         let params = values(13, 0.0);
         let tmp = tempfile::tempdir().unwrap();
-        save(tmp.path(), &meta(), &l, &params, Some(&params)).unwrap();
+        save(
+            tmp.path(),
+            &meta(),
+            &state(&l, &params),
+            &l,
+            &params,
+            &[("exp_avg", &params)],
+        )
+        .unwrap();
         let bytes = fs::read(tmp.path().join(MODEL_FILE)).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
         let mut names = st.names();
         names.sort();
         assert_eq!(
             names,
-            [
-                "a.bias",
-                "a.weight",
-                "b.weight",
-                "momentum.a.bias",
-                "momentum.a.weight",
-                "momentum.b.weight"
-            ]
+            ["a.bias", "a.weight", "b.weight", "bn.num_batches_tracked"]
         );
         let w = st.tensor("a.weight").unwrap();
         assert_eq!((w.dtype(), w.shape()), (Dtype::F32, &[3usize, 2][..]));
         assert_eq!(w.data(), bytemuck::cast_slice::<f32, u8>(&params[3..9]));
+        assert_eq!(
+            st.tensor("bn.num_batches_tracked").unwrap().dtype(),
+            Dtype::I64
+        );
+        let bytes = fs::read(tmp.path().join(OPTIMIZER_FILE)).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let mut names = st.names();
+        names.sort();
+        assert_eq!(
+            names,
+            ["exp_avg.a.bias", "exp_avg.a.weight", "exp_avg.b.weight"]
+        );
     }
 
     #[test]
@@ -380,14 +534,15 @@ mod tests {
         let l = layout();
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
-        let e = load(dir, &l).unwrap_err().to_string();
+        let e = load(dir, &l, &[]).unwrap_err().to_string();
         assert_eq!(
             e,
             format!("checkpoint {}: checkpoint.json not found", dir.display())
         );
-        save(dir, &meta(), &l, &values(13, 0.0), None).unwrap();
+        let p = values(13, 0.0);
+        save(dir, &meta(), &state(&l, &p), &l, &p, &[]).unwrap();
         fs::remove_file(dir.join(MODEL_FILE)).unwrap();
-        let e = load(dir, &l).unwrap_err().to_string();
+        let e = load(dir, &l, &[]).unwrap_err().to_string();
         assert_eq!(
             e,
             format!("checkpoint {}: model.safetensors not found", dir.display())
@@ -395,7 +550,7 @@ mod tests {
     }
 
     #[test]
-    fn missing_tensor_is_named() {
+    fn a_missing_or_misshapen_tensor_is_named() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
         let other = ParamLayout::new([
@@ -403,33 +558,28 @@ mod tests {
             ("b.weight".to_owned(), vec![2, 2, 1]),
             ("c.weight".to_owned(), vec![6]),
         ]);
-        save(dir, &meta(), &other, &values(13, 0.0), None).unwrap();
-        let e = load(dir, &layout()).unwrap_err().to_string();
+        let p = values(13, 0.0);
+        save(dir, &meta(), &state(&other, &p), &other, &p, &[]).unwrap();
+        let e = load(dir, &layout(), &[]).unwrap_err().to_string();
         assert_eq!(
             e,
             format!(
-                "checkpoint {}: model.safetensors lacks tensor a.weight",
-                dir.display()
+                "{}: tensor a.weight: missing",
+                dir.join(MODEL_FILE).display()
             )
         );
-    }
-
-    #[test]
-    fn shape_mismatch_is_named() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path();
         let transposed = ParamLayout::new([
             ("a.bias".to_owned(), vec![3]),
             ("a.weight".to_owned(), vec![2, 3]),
             ("b.weight".to_owned(), vec![2, 2, 1]),
         ]);
-        save(dir, &meta(), &transposed, &values(13, 0.0), None).unwrap();
-        let e = load(dir, &layout()).unwrap_err().to_string();
+        save(dir, &meta(), &state(&transposed, &p), &transposed, &p, &[]).unwrap();
+        let e = load(dir, &layout(), &[]).unwrap_err().to_string();
         assert_eq!(
             e,
             format!(
-                "checkpoint {}: model.safetensors tensor a.weight is F32 [2, 3], expected F32 [3, 2]",
-                dir.display()
+                "{}: tensor a.weight: is Float [2, 3], expected Float [3, 2]",
+                dir.join(MODEL_FILE).display()
             )
         );
     }
@@ -439,19 +589,32 @@ mod tests {
         let l = layout();
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
-        save(dir, &meta(), &l, &values(13, 0.0), None).unwrap();
+        let p0 = values(13, 0.0);
+        save(dir, &meta(), &state(&l, &p0), &l, &p0, &[]).unwrap();
         let bigger = ParamLayout::new([("a.bias".to_owned(), vec![14])]);
-        let e = load(dir, &bigger).unwrap_err().to_string();
-        assert!(e.ends_with("checkpoint.json has 13 parameters (model mlp), this model has 14"));
+        let e = load(dir, &bigger, &[]).unwrap_err().to_string();
+        assert!(
+            e.ends_with("checkpoint.json has 13 parameters (model mlp), this model trains 14"),
+            "{e}"
+        );
 
-        // New tensors, old JSON: as if a crash fell between the two renames.
+        // New tensors, old JSON: as if a crash fell between the renames.
         let json = fs::read(dir.join(META_FILE)).unwrap();
-        save(dir, &meta(), &l, &values(13, 1.0), None).unwrap();
-        fs::write(dir.join(META_FILE), json).unwrap();
-        let e = load(dir, &l).unwrap_err().to_string();
+        let p1 = values(13, 1.0);
+        save(dir, &meta(), &state(&l, &p1), &l, &p1, &[]).unwrap();
+        fs::write(dir.join(META_FILE), &json).unwrap();
+        let e = load(dir, &l, &[]).unwrap_err().to_string();
         assert!(e.contains("torn or mixed checkpoint"), "{e}");
+        // Optimizer state from another save.
+        save(dir, &meta(), &state(&l, &p1), &l, &p1, &[("momentum", &p0)]).unwrap();
+        let json = fs::read(dir.join(META_FILE)).unwrap();
+        save(dir, &meta(), &state(&l, &p1), &l, &p1, &[("momentum", &p1)]).unwrap();
+        fs::write(dir.join(META_FILE), json).unwrap();
+        let e = load(dir, &l, &["momentum"]).unwrap_err().to_string();
+        assert!(e.contains("optimizer.safetensors does not match"), "{e}");
 
-        let e = save(dir, &meta(), &l, &values(12, 0.0), None)
+        let p12 = values(12, 0.0);
+        let e = save(dir, &meta(), &[], &l, &p12, &[])
             .unwrap_err()
             .to_string();
         assert!(
@@ -461,13 +624,21 @@ mod tests {
     }
 
     #[test]
-    fn corrupt_json_names_the_file() {
+    fn corrupt_files_name_the_file() {
         let l = layout();
         let tmp = tempfile::tempdir().unwrap();
-        save(tmp.path(), &meta(), &l, &values(13, 0.0), None).unwrap();
+        let p = values(13, 0.0);
+        save(tmp.path(), &meta(), &state(&l, &p), &l, &p, &[]).unwrap();
         fs::write(tmp.path().join(META_FILE), b"{").unwrap();
-        let e = load(tmp.path(), &l).unwrap_err().to_string();
-        assert!(e.contains(": checkpoint.json: "), "{e}");
+        let e = load(tmp.path(), &l, &[]).unwrap_err().to_string();
+        assert!(e.contains("checkpoint.json: "), "{e}");
+        let junk = tmp.path().join("junk.safetensors");
+        fs::write(&junk, b"\x01\x00\x00\x00\x00\x00\x00\x00{").unwrap();
+        let e = read_safetensors(&junk).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("{}: not a safetensors file", junk.display())),
+            "{e}"
+        );
     }
 
     #[test]
@@ -485,7 +656,7 @@ mod tests {
         assert_eq!(param_hash(&a), xxhash_rust::xxh3::xxh3_64(&bytes));
     }
 
-    /// PyTorch reads the file (only where the venv has `safetensors`).
+    /// PyTorch reads both files.
     #[test]
     fn pytorch_can_load_it() {
         let python = concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/bin/python");
@@ -502,23 +673,27 @@ mod tests {
         }
         let l = layout();
         let tmp = tempfile::tempdir().unwrap();
+        let p = values(13, 0.0);
         save(
             tmp.path(),
             &meta(),
+            &state(&l, &p),
             &l,
-            &values(13, 0.0),
-            Some(&values(13, 1.0)),
+            &p,
+            &[("momentum", &values(13, 1.0))],
         )
         .unwrap();
         let script = "import sys; from safetensors.torch import load_file\n\
-            t = load_file(sys.argv[1])\n\
+            t = load_file(sys.argv[1] + '/model.safetensors')\n\
             assert t['a.weight'].shape == (3, 2) and t['a.weight'].dtype.is_floating_point\n\
             assert t['a.weight'][1, 0].item() == 2.5, t['a.weight']\n\
-            assert t['momentum.b.weight'].shape == (2, 2, 1)\n\
-            print(len(t))";
+            assert t['bn.num_batches_tracked'].item() == 41\n\
+            o = load_file(sys.argv[1] + '/optimizer.safetensors')\n\
+            assert o['momentum.b.weight'].shape == (2, 2, 1)\n\
+            print(len(t), len(o))";
         let out = std::process::Command::new(python)
             .args(["-c", script])
-            .arg(tmp.path().join(MODEL_FILE))
+            .arg(tmp.path())
             .output()
             .unwrap();
         assert!(
@@ -526,6 +701,6 @@ mod tests {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "6");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "4 3");
     }
 }

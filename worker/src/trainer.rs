@@ -88,6 +88,8 @@ pub enum TrainError {
     Audit(#[from] std::io::Error),
     #[error("{0}")]
     Sync(#[from] sync::SyncError),
+    #[error("{0}")]
+    Model(#[from] crate::model::ModelError),
     #[error("stopped: {0}")]
     Stopped(&'static str),
 }
@@ -176,10 +178,11 @@ fn fresh_state(a: &Assignment) -> Result<TrainingState, TrainError> {
     let dir = std::path::Path::new(&spec.dataset.path);
     let train = data::load_idx_split(dir, true)?;
     let test = data::load_idx_split(dir, false)?;
-    let kind = spec.model.builtin().ok_or(TrainError::Stopped(
-        "this worker trains built-in models only",
-    ))?;
-    let model = Model::new(kind, spec.seed as i64);
+    let shape = crate::model::DataShape {
+        sample: vec![1, 28, 28],
+        classes: Some(10),
+    };
+    let model = Model::build(spec, &shape, None, None, tch::Device::Cpu)?;
     let mut params = vec![0f32; model.num_params()];
     model.params_to_flat(&mut params);
     let sgd = Sgd::new(
@@ -284,11 +287,13 @@ impl Trainer<'_> {
                 // Nobody has trained yet: every member starts from the same
                 // checkpoint or seeded init; rank 0's copy is made everyone's.
                 if let Some(dir) = &self.ctx.assignment.resume_from {
-                    let (meta, params, momentum) = checkpoint::load(dir, st.model.layout())?;
-                    st.params = params;
-                    st.sgd.momentum_buf = momentum;
-                    st.version = meta.param_version;
-                    st.cursor = meta.shard_cursor;
+                    let c = checkpoint::load(dir, st.model.layout(), &["momentum"])?;
+                    let origin = dir.display().to_string();
+                    st.model.load_state(&c.model, &origin, false, &|_| false)?;
+                    st.params = c.params;
+                    st.sgd.momentum_buf = c.optimizer.into_iter().next().map(|(_, v)| v);
+                    st.version = c.meta.param_version;
+                    st.cursor = c.meta.shard_cursor;
                     info!(version = %st.version, dir = %dir.display(), "starting from checkpoint");
                 }
                 (0, None)
@@ -389,11 +394,14 @@ impl Trainer<'_> {
             let (x, y) = info_span!("data").in_scope(|| data::batch(&st.train, &indices));
             let t_fb = Instant::now();
             let loss = info_span!("forward_backward").in_scope(|| {
-                let scale = 1.0 / (positions.end - positions.start) as f64;
-                let loss = st.model.loss_and_backward(&x, &y, scale);
+                st.model.zero_grads();
+                let loss = st
+                    .model
+                    .accumulate_gradients(&x, &y, positions.end - positions.start);
                 st.model.grads_to_flat(&mut grads);
                 loss
             });
+            let loss = loss?;
             let fb_s = t_fb.elapsed().as_secs_f64();
 
             let t_ar = Instant::now();
@@ -551,8 +559,12 @@ impl Trainer<'_> {
         let mine = data_plan::rank_slice(&(0..n), self.rank(), self.world());
         let indices: Vec<i64> = mine.map(|i| i as i64).collect();
         let (x, y) = data::batch(&self.st.test, &indices);
-        let (correct, loss_sum) = self.st.model.evaluate(&x, &y);
-        let mut totals = [correct as f32, loss_sum as f32, indices.len() as f32];
+        let sums = self.st.model.evaluate(&x, &y)?;
+        let mut totals = [
+            sums.correct.unwrap_or(0.0) as f32,
+            sums.loss_sum as f32,
+            sums.count as f32,
+        ];
         self.ring
             .all_reduce_exact(EVAL_STEP | self.st.version.0, &mut totals, ReduceOp::Sum)?;
         let count = f64::from(totals[2]).max(1.0);
@@ -597,13 +609,22 @@ impl Trainer<'_> {
             model: a.spec.model.to_string(),
             num_params: st.params.len(),
             param_hash: checkpoint::param_hash(&st.params),
+            optimizer_hash: 0,
         };
+        let optimizer: Vec<(&str, &[f32])> = st
+            .sgd
+            .momentum_buf
+            .as_deref()
+            .map(|m| ("momentum", m))
+            .into_iter()
+            .collect();
         let dir = checkpoint::save(
             &a.checkpoint_dir,
             &meta,
+            &st.model.state_dict(),
             st.model.layout(),
             &st.params,
-            st.sgd.momentum_buf.as_deref(),
+            &optimizer,
         )?;
         info!(version = %st.version, dir = %dir.display(), "checkpoint saved");
         let report = CheckpointReport {

@@ -55,7 +55,9 @@ fn take_error(err: *mut c_char) -> Option<ScriptError> {
     }
     // SAFETY: the shim sets `err` only to a NUL-terminated string from
     // strdup, which we own and free here exactly once.
-    let message = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
+    let message = unsafe { CStr::from_ptr(err) }
+        .to_string_lossy()
+        .into_owned();
     unsafe { rt_free_string(err) };
     Some(ScriptError(message))
 }
@@ -66,7 +68,9 @@ extern "C" fn push_named(data: *mut c_void, name: *const c_char, tensor: *mut c_
     // the callback; `tensor` is a fresh `new at::Tensor`, tch's own
     // representation, whose ownership passes to the Tensor.
     let out = unsafe { &mut *data.cast::<Vec<(String, Tensor)>>() };
-    let name = unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned();
+    let name = unsafe { CStr::from_ptr(name) }
+        .to_string_lossy()
+        .into_owned();
     let tensor = unsafe { Tensor::from_ptr(tensor.cast()) };
     out.push((name, tensor));
 }
@@ -124,7 +128,12 @@ impl ScriptModule {
 
     fn named(
         &self,
-        f: unsafe extern "C" fn(*mut c_void, *mut c_void, TensorCallback, *mut *mut c_char) -> c_int,
+        f: unsafe extern "C" fn(
+            *mut c_void,
+            *mut c_void,
+            TensorCallback,
+            *mut *mut c_char,
+        ) -> c_int,
     ) -> Result<Vec<(String, Tensor)>, ScriptError> {
         let mut out: Vec<(String, Tensor)> = Vec::new();
         let mut err = std::ptr::null_mut();
@@ -166,10 +175,7 @@ impl ScriptModule {
 
     /// `forward(inputs...)`, which must return a tensor.
     pub fn forward(&self, inputs: &[&Tensor]) -> Result<Tensor, ScriptError> {
-        let ptrs: Vec<*mut c_void> = inputs
-            .iter()
-            .map(|t| t.as_ptr() as *mut c_void)
-            .collect();
+        let ptrs: Vec<*mut c_void> = inputs.iter().map(|t| t.as_ptr() as *mut c_void).collect();
         let n = c_int::try_from(ptrs.len()).map_err(|_| ScriptError("too many inputs".into()))?;
         let mut err = std::ptr::null_mut();
         // SAFETY: every input pointer is a live tensor borrowed for the
