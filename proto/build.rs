@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Gradient payloads are `bytes::Bytes`, so decoding does not copy them again.
         .bytes(".ringtrain.v1.RingFrame.payload")
+        .bytes(".ringtrain.v1.FileChunk.data")
         .compile_protos(&["ringtrain.proto"], &["."])?;
     Ok(())
 }

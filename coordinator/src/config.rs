@@ -19,6 +19,8 @@ pub struct CoordinatorConfig {
     /// A worker named by a neighbour's ring failure and silent this long
     /// since is declared lost (fast detection of dead workers).
     pub suspect_timeout_ms: u64,
+    /// The largest model file a client may upload.
+    pub max_model_bytes: u64,
 }
 
 impl Default for CoordinatorConfig {
@@ -30,6 +32,7 @@ impl Default for CoordinatorConfig {
             heartbeat_interval_ms: 200,
             worker_timeout_ms: 3000,
             suspect_timeout_ms: 600,
+            max_model_bytes: 512 << 20,
         }
     }
 }

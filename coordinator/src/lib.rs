@@ -10,13 +10,17 @@
 //! - [`convert`]: to and from gRPC messages and store records.
 //! - [`store`]: the embedded job database (redb) and its one writer thread,
 //!   so a restart loses no job.
+//! - [`models`], [`blobs`]: models users upload (kept by content hash) and
+//!   the dry run that checks a submission on a worker.
 //! - [`metrics`], [`report`]: what effects become outside: Prometheus
 //!   metrics, and each job's metrics.csv/png.
 //! - [`server`]: wiring: listeners, periodic ticks, shutdown.
 
+pub mod blobs;
 pub mod config;
 pub mod convert;
 pub mod metrics;
+pub mod models;
 pub mod outbox;
 pub mod report;
 pub mod scheduler;
@@ -24,6 +28,7 @@ pub mod server;
 pub mod service;
 pub mod state;
 pub mod store;
+pub mod watch;
 
 pub use config::CoordinatorConfig;
 pub use server::serve;

@@ -4,21 +4,20 @@
 //! promises durability). Protocol logic lives in [`crate::state`].
 
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
 
-use futures::Stream;
 use ringtrain_common::jobspec::JobSpec;
 use ringtrain_common::metrics::Metrics;
 use ringtrain_common::{curve, JobId};
 use ringtrain_proto as pb;
 use ringtrain_proto::convert::{parse_job, parse_worker, BadField};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use crate::config::CoordinatorConfig;
 use crate::convert;
+use crate::models;
 use crate::outbox::{Outbox, Sinks};
 use crate::scheduler::Timeouts;
 use crate::state::{Effects, EventKind, HeartbeatReply, JobEvent, State, StateError, StepVerdict};
@@ -31,6 +30,8 @@ pub struct Coordinator {
 
 struct Inner {
     state: Mutex<State>,
+    /// Uploaded models, by content hash.
+    blobs: crate::blobs::BlobStore,
     outbox: Mutex<Outbox>,
     sinks: Sinks,
     config: CoordinatorConfig,
@@ -80,6 +81,10 @@ impl Coordinator {
         Ok(Self {
             inner: Arc::new(Inner {
                 state: Mutex::new(state),
+                blobs: crate::blobs::BlobStore::new(
+                    &config.data_dir.join("models"),
+                    config.max_model_bytes,
+                ),
                 outbox: Mutex::new(Outbox::default()),
                 sinks: Sinks {
                     metrics,
@@ -158,8 +163,6 @@ impl Coordinator {
     }
 }
 
-type EventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
-
 #[tonic::async_trait]
 impl pb::coordinator_server::Coordinator for Coordinator {
     async fn submit_job(
@@ -169,6 +172,8 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         let req = request.into_inner();
         let spec = JobSpec::parse(&req.spec_toml, &[])
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let worker = self.read(|st, _| Ok(st.dry_run_target()))?;
+        models::check_submission(&self.inner.blobs, &spec, worker).await?;
         let id = JobId::random();
         let checkpoint_dir = if spec.checkpoint.dir.is_empty() {
             let dir = self.inner.config.data_dir.join(id.to_string());
@@ -185,6 +190,14 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         Ok(Response::new(pb::SubmitJobResponse {
             job_id: id.to_string(),
         }))
+    }
+
+    async fn upload_model(
+        &self,
+        request: Request<tonic::Streaming<pb::FileChunk>>,
+    ) -> Result<Response<pb::UploadModelResponse>, Status> {
+        let reply = models::upload(&self.inner.blobs, request.into_inner()).await?;
+        Ok(Response::new(reply))
     }
 
     async fn get_job_metrics(
@@ -234,7 +247,7 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         }))
     }
 
-    type WatchJobStream = EventStream;
+    type WatchJobStream = crate::watch::EventStream;
 
     async fn watch_job(
         &self,
@@ -255,41 +268,9 @@ impl pb::coordinator_server::Coordinator for Coordinator {
             (first, rx)
         };
         let this = self.clone();
+        let snapshot = move || lock(&this.inner.state).snapshot(id).ok();
         let closing = self.inner.closing.subscribe();
-        // Ends after the event that puts the job in a terminal state.
-        let stream = futures::stream::unfold(
-            (Some(first), rx, closing),
-            move |(pending, rx, mut closing)| {
-                let this = this.clone();
-                async move {
-                    if let Some(event) = pending {
-                        let rx = rx.filter(|_| !event.job.state.is_terminal());
-                        return Some((Ok(convert::job_event(&event)), (None, rx, closing)));
-                    }
-                    let mut rx = rx?;
-                    let received = tokio::select! {
-                        received = rx.recv() => Some(received),
-                        _ = closing.wait_for(|c| *c) => None,
-                    };
-                    let event = match received {
-                        Some(Ok(e)) => e,
-                        // A slow watcher skips events but still sees the latest status.
-                        Some(Err(broadcast::error::RecvError::Lagged(_))) => JobEvent {
-                            kind: EventKind::Snapshot,
-                            message: String::new(),
-                            job: lock(&this.inner.state).snapshot(id).ok()?,
-                        },
-                        Some(Err(broadcast::error::RecvError::Closed)) => return None,
-                        None => {
-                            let shutting = Status::unavailable("the coordinator is shutting down");
-                            return Some((Err(shutting), (None, None, closing)));
-                        }
-                    };
-                    let rx = (!event.job.state.is_terminal()).then_some(rx);
-                    Some((Ok(convert::job_event(&event)), (None, rx, closing)))
-                }
-            },
-        );
+        let stream = crate::watch::events(first, rx, closing, snapshot);
         Ok(Response::new(Box::pin(stream)))
     }
 }
@@ -313,6 +294,18 @@ impl pb::worker_control_server::WorkerControl for Coordinator {
             worker_id: id.to_string(),
             heartbeat_interval_ms: self.inner.config.heartbeat_interval_ms as u32,
         }))
+    }
+
+    type FetchModelStream = models::ChunkStream;
+
+    async fn fetch_model(
+        &self,
+        request: Request<pb::FetchModelRequest>,
+    ) -> Result<Response<Self::FetchModelStream>, Status> {
+        let model = request.into_inner().model;
+        Ok(Response::new(
+            models::fetch(&self.inner.blobs, &model).await?,
+        ))
     }
 
     async fn heartbeat(

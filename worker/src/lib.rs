@@ -7,12 +7,42 @@
 //!   new ring generation agree on the state to start from.
 //! - [`service`]: the worker process (registration, heartbeats, ring endpoints).
 
+pub mod agent;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod model;
+pub mod model_files;
 pub mod optim;
 pub mod ring;
 pub mod service;
 pub mod sync;
 pub mod trainer;
+
+/// The message of a panic that ended a blocking task: libtorch's errors
+/// surface as panics in parts of tch, and they must reach the user as a
+/// one-line error, not end the worker.
+pub fn panic_message(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(payload) => panic_payload_message(payload.as_ref()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// The first line of a panic payload's message.
+pub fn panic_payload_message(payload: &(dyn std::any::Any + Send)) -> String {
+    let text = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("panicked");
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("panicked");
+    match line.char_indices().nth(300) {
+        Some((cut, _)) => format!("{}…", &line[..cut]),
+        None => line.to_string(),
+    }
+}

@@ -145,9 +145,11 @@ pub async fn run(
     health_reporter
         .set_serving::<pb::ring_server::RingServer<grpc::RingService>>()
         .await;
+    let agent = crate::agent::AgentService::default();
     let server = grpc::server_builder()
         .add_service(health)
         .add_service(grpc::RingService::new(grpc_inbox.clone()).into_server())
+        .add_service(agent.clone().into_server())
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc),
             stopped(),
@@ -161,6 +163,8 @@ pub async fn run(
     let url = config.coordinator.clone();
     let channel = connect(&url, config.connect_timeout()).await?;
     let mut client = WorkerControlClient::new(channel);
+    let model_files = Arc::new(crate::model_files::ModelFiles::new(client.clone()));
+    agent.set_model_files(model_files.clone());
     let host = if config.advertise_host.is_empty() {
         local_ip_towards(&url)
             .map(|ip| ip.to_string())
@@ -279,6 +283,7 @@ pub async fn run(
             state: state.clone(),
             metrics: metrics.clone(),
             progress: progress.clone(),
+            model_files: model_files.clone(),
         };
         let before = previous.take();
         let thread = std::thread::Builder::new()

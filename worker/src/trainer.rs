@@ -39,6 +39,7 @@ use crate::optim::Sgd;
 use crate::ring::transport::LinkAbort;
 use crate::ring::{ReduceOp, Ring, RingEndpoints, RingError, RingOptions, RingSpec};
 use crate::sync::{self, Holding, Plan};
+use ringtrain_common::jobspec::JobSpec;
 
 /// A worker's training state for one job, kept between ring generations.
 pub struct TrainingState {
@@ -72,6 +73,8 @@ pub struct TrainerContext {
     pub metrics: Metrics,
     /// Parameter version reached, for heartbeats.
     pub progress: Arc<AtomicU64>,
+    /// Where the job's TorchScript file comes from.
+    pub model_files: Arc<crate::model_files::ModelFiles>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +93,8 @@ pub enum TrainError {
     Sync(#[from] sync::SyncError),
     #[error("{0}")]
     Model(#[from] crate::model::ModelError),
+    #[error("{0}")]
+    ModelFile(String),
     #[error("stopped: {0}")]
     Stopped(&'static str),
 }
@@ -173,8 +178,12 @@ pub fn run_and_report(ctx: TrainerContext) {
     }
 }
 
-fn fresh_state(a: &Assignment) -> Result<TrainingState, TrainError> {
-    let spec = &a.spec;
+/// The data and model a job trains, as its spec says, with the bytes of its
+/// TorchScript file if it has one (blocking: reads files).
+pub(crate) fn prepare(
+    spec: &JobSpec,
+    script: Option<&[u8]>,
+) -> Result<(Model, Split, Split), TrainError> {
     let dir = std::path::Path::new(&spec.dataset.path);
     let train = data::load_idx_split(dir, true)?;
     let test = data::load_idx_split(dir, false)?;
@@ -182,7 +191,36 @@ fn fresh_state(a: &Assignment) -> Result<TrainingState, TrainError> {
         sample: vec![1, 28, 28],
         classes: Some(10),
     };
-    let model = Model::build(spec, &shape, None, None, tch::Device::Cpu)?;
+    let device = crate::model::device(&spec.device)?;
+    let init_from = if spec.init_from.is_empty() {
+        None
+    } else {
+        let file = checkpoint::weights_file(std::path::Path::new(&spec.init_from));
+        Some((
+            format!("init_from {}", file.display()),
+            checkpoint::read_safetensors(&file)?,
+        ))
+    };
+    let init = init_from.as_ref().map(|(origin, t)| (origin.as_str(), t));
+    let model = Model::build(spec, &shape, script, init, device)?;
+    Ok((model, train, test))
+}
+
+/// What a dry run checks before a job is accepted: the model builds on the
+/// job's data and one forward on a few training samples gives what the loss
+/// needs.
+pub fn dry_run(spec: &JobSpec, script: Option<&[u8]>) -> Result<(), TrainError> {
+    let (mut model, train, _) = prepare(spec, script)?;
+    let n = train.len().min(spec.batch_size).min(8) as i64;
+    let indices: Vec<i64> = (0..n).collect();
+    let (x, y) = data::batch(&train, &indices);
+    model.check(&x, &y)?;
+    Ok(())
+}
+
+fn fresh_state(a: &Assignment, script: Option<&[u8]>) -> Result<TrainingState, TrainError> {
+    let spec = &a.spec;
+    let (model, train, test) = prepare(spec, script)?;
     let mut params = vec![0f32; model.num_params()];
     model.params_to_flat(&mut params);
     let sgd = Sgd::new(
@@ -207,7 +245,11 @@ fn run(ctx: &TrainerContext, slot: &mut Option<TrainingState>) -> Result<(), Tra
     let a = &ctx.assignment;
     tch::set_num_threads(a.spec.threads as i32);
     if slot.is_none() {
-        *slot = Some(fresh_state(a)?);
+        let script = ctx
+            .runtime
+            .block_on(ctx.model_files.get(&a.spec.model))
+            .map_err(|e| TrainError::ModelFile(e.to_string()))?;
+        *slot = Some(fresh_state(a, script.as_deref().map(Vec::as_slice))?);
     }
     let st = slot.as_mut().ok_or(TrainError::Stopped("no state"))?;
     let ring_spec = RingSpec {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
-use ringtrain_common::jobspec::JobSpec;
+use ringtrain_common::jobspec::{JobSpec, ModelSource};
 use ringtrain_proto as pb;
 use ringtrain_proto::coordinator_client::CoordinatorClient;
 use tonic::transport::{Channel, Endpoint};
@@ -93,10 +93,45 @@ pub fn load_spec(path: &Path, overrides: &[String]) -> anyhow::Result<JobSpec> {
         Ok(std::path::absolute(p)?.to_string_lossy().into_owned())
     };
     spec.dataset.path = abs(&spec.dataset.path)?;
-    if !spec.checkpoint.dir.is_empty() {
-        spec.checkpoint.dir = abs(&spec.checkpoint.dir)?;
+    for path in [
+        &mut spec.checkpoint.dir,
+        &mut spec.dataset.test_path,
+        &mut spec.init_from,
+    ] {
+        if !path.is_empty() {
+            *path = abs(path)?;
+        }
+    }
+    if let ModelSource::ScriptFile(path) = &spec.model {
+        spec.model = ModelSource::ScriptFile(abs(path)?);
     }
     Ok(spec)
+}
+
+/// Bytes per upload message (well under gRPC's 4 MiB limit).
+const UPLOAD_CHUNK: usize = 1 << 20;
+
+/// Streams a TorchScript file to the coordinator; returns what a job names
+/// it by (`sha256:HEX`).
+pub async fn upload_model(
+    client: &mut CoordinatorClient<Channel>,
+    path: &Path,
+) -> anyhow::Result<ModelSource> {
+    let bytes = tokio::fs::read(path)
+        .await
+        .with_context(|| format!("cannot read model file {}", path.display()))?;
+    let chunks: Vec<pb::FileChunk> = bytes
+        .chunks(UPLOAD_CHUNK)
+        .map(|c| pb::FileChunk {
+            data: bytes::Bytes::copy_from_slice(c),
+        })
+        .collect();
+    let reply = client
+        .upload_model(futures::stream::iter(chunks))
+        .await
+        .map_err(|e| anyhow!("uploading {}: {}", path.display(), e.message()))?
+        .into_inner();
+    ModelSource::try_from(reply.model).map_err(|e| anyhow!("the coordinator answered: {e}"))
 }
 
 pub fn check_resume(dir: &Path) -> anyhow::Result<String> {
@@ -115,6 +150,11 @@ pub async fn submit_spec(
     resume: Option<&Path>,
 ) -> anyhow::Result<String> {
     let resume_from = resume.map(check_resume).transpose()?.unwrap_or_default();
+    // The model file travels with the job: workers fetch it from the coordinator.
+    let mut spec = spec.clone();
+    if let ModelSource::ScriptFile(path) = &spec.model {
+        spec.model = upload_model(client, Path::new(path)).await?;
+    }
     let resp = client
         .submit_job(pb::SubmitJobRequest {
             spec_toml: spec.to_toml(),

@@ -42,6 +42,21 @@ pub fn start_cluster(run_dir: &Path, workers: usize) -> anyhow::Result<LocalClus
     })?)
 }
 
+/// A clear error before anything starts, rather than N workers failing: the
+/// data set's files are there (their contents are the workers' to check).
+pub fn check_data(spec: &ringtrain_common::jobspec::DatasetSpec) -> anyhow::Result<()> {
+    use ringtrain_common::jobspec::DataFormat;
+    if spec.format == DataFormat::Idx {
+        return check_dataset(&spec.path);
+    }
+    for path in [&spec.path, &spec.test_path] {
+        if !path.is_empty() && !Path::new(path).exists() {
+            bail!("dataset not found: {path} does not exist");
+        }
+    }
+    Ok(())
+}
+
 /// A clear error before anything starts, rather than N workers failing.
 pub fn check_dataset(path: &str) -> anyhow::Result<()> {
     let dir = Path::new(path);
@@ -63,7 +78,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         overrides.push(format!("workers={n}"));
     }
     let spec = client::load_spec(&args.spec, &overrides)?;
-    check_dataset(&spec.dataset.path)?;
+    check_data(&spec.dataset)?;
     if let Some(dir) = &args.resume {
         client::check_resume(dir)?;
     }

@@ -67,6 +67,16 @@ impl State {
         )
     }
 
+    /// Where a dry run of a submission can go: an idle live worker's gRPC
+    /// address, else any live worker's.
+    pub fn dry_run_target(&self) -> Option<String> {
+        let alive = || self.workers.values().filter(|w| w.alive);
+        alive()
+            .find(|w| w.job.is_none())
+            .or_else(|| alive().next())
+            .map(|w| w.grpc_addr.clone())
+    }
+
     /// The ring the worker should be in now, if any.
     pub fn assignment(&self, worker: WorkerId) -> Option<Assignment> {
         let job = self.jobs.get(&self.workers.get(&worker)?.job?)?;
