@@ -1,7 +1,8 @@
 //! Optimizers and learning-rate schedules on flat f32 parameter vectors,
 //! with PyTorch's semantics so runs are comparable with the reference:
 //! [`Sgd`] (torch.optim.SGD), [`AdamW`] (torch.optim.AdamW), gradient
-//! clipping ([`clip_grad_norm`], torch.nn.utils.clip_grad_norm_).
+//! clipping ([`clip_grad_norm`], torch.nn.utils.clip_grad_norm_) and the
+//! job's learning-rate [`Schedule`].
 //!
 //! The learning rate comes with each step (from the schedule), and so does
 //! the step count `t` (the parameter version after the step), so an
@@ -10,11 +11,13 @@
 //! installs them again; a resumed job then continues bit for bit.
 
 mod adamw;
+mod schedule;
 mod sgd;
 
 use ringtrain_common::jobspec::{OptimizerKind, OptimizerSpec};
 
 pub use adamw::AdamW;
+pub use schedule::Schedule;
 pub use sgd::Sgd;
 
 /// A state buffer that does not fit the optimizer.
