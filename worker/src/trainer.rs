@@ -2,18 +2,18 @@
 //! blocking: libtorch and the ring). It talks to the coordinator through the
 //! runtime handle.
 //!
-//! A worker's training state ([`TrainingState`]: parameters, momentum,
+//! A worker's training state ([`TrainingState`]: parameters, optimizer state,
 //! version, shard cursor, model and data) outlives ring generations: when a
 //! ring breaks or grows, the trainer leaves the generation, the state waits
 //! in the worker's [`StateSlot`], and the next generation's trainer picks it
 //! up. Each generation starts with a sync ([`crate::sync`]): members agree on
 //! the newest version, and the lowest rank holding it broadcasts parameters
-//! and momentum to the others if any is behind.
+//! and optimizer state to the others if any is behind.
 //!
 //! Each step: take this rank's slice of the step's global batch, forward and
 //! backward with the loss scaled by 1/global_batch, ring all-reduce (sum) of
 //! the flat gradient, which makes it the mean over the global batch whatever
-//! the split, SGD on the flat parameters, report (version, hash).
+//! the split, the optimizer on the flat parameters, report (version, hash).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -35,7 +35,7 @@ use tracing::{info, info_span, warn};
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::data::{self, Split};
 use crate::model::Model;
-use crate::optim::Sgd;
+use crate::optim::{OptimError, Optimizer};
 use crate::ring::transport::LinkAbort;
 use crate::ring::{ReduceOp, Ring, RingEndpoints, RingError, RingOptions, RingSpec};
 use crate::sync::{self, Holding, Plan};
@@ -48,7 +48,7 @@ pub struct TrainingState {
     train: Split,
     test: Split,
     params: Vec<f32>,
-    sgd: Sgd,
+    optimizer: Optimizer,
     version: ParamVersion,
     cursor: ShardCursor,
     /// False until the first sync: `params` is only this worker's seeded init.
@@ -95,6 +95,8 @@ pub enum TrainError {
     Model(#[from] crate::model::ModelError),
     #[error("{0}")]
     ModelFile(String),
+    #[error("{0}")]
+    Optimizer(#[from] OptimError),
     #[error("stopped: {0}")]
     Stopped(&'static str),
 }
@@ -103,7 +105,8 @@ pub enum TrainError {
 /// broadcasts and evaluations can never be confused with a gradient step.
 const SYNC_STEP: u64 = 1 << 62;
 const BROADCAST_PARAMS: u64 = SYNC_STEP + 1;
-const BROADCAST_MOMENTUM: u64 = SYNC_STEP + 2;
+/// The first optimizer state buffer's; the others follow.
+const BROADCAST_OPTIMIZER_STATE: u64 = SYNC_STEP + 2;
 const EVAL_STEP: u64 = 1 << 63;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -223,18 +226,14 @@ fn fresh_state(a: &Assignment, script: Option<&[u8]>) -> Result<TrainingState, T
     let (model, train, test) = prepare(spec, script)?;
     let mut params = vec![0f32; model.num_params()];
     model.params_to_flat(&mut params);
-    let sgd = Sgd::new(
-        spec.optimizer.lr as f32,
-        spec.optimizer.momentum as f32,
-        spec.optimizer.weight_decay() as f32,
-    );
+    let optimizer = Optimizer::new(&spec.optimizer, params.len());
     Ok(TrainingState {
         job: a.job,
         model,
         train,
         test,
         params,
-        sgd,
+        optimizer,
         version: ParamVersion(0),
         cursor: ShardCursor::default(),
         agreed: false,
@@ -313,7 +312,7 @@ impl Trainer<'_> {
             trained: st.agreed,
             version: st.version,
             cursor: st.cursor,
-            has_optimizer_state: st.sgd.momentum_buf.is_some(),
+            has_optimizer_state: !st.optimizer.state().is_empty(),
         };
         let mut table = sync::encode(&mine, rank, world);
         self.ring
@@ -329,11 +328,15 @@ impl Trainer<'_> {
                 // Nobody has trained yet: every member starts from the same
                 // checkpoint or seeded init; rank 0's copy is made everyone's.
                 if let Some(dir) = &self.ctx.assignment.resume_from {
-                    let c = checkpoint::load(dir, st.model.layout(), &["momentum"])?;
+                    let states = st.optimizer.state_names();
+                    let c = checkpoint::load(dir, st.model.layout(), states)?;
                     let origin = dir.display().to_string();
                     st.model.load_state(&c.model, &origin, false, &|_| false)?;
                     st.params = c.params;
-                    st.sgd.momentum_buf = c.optimizer.into_iter().next().map(|(_, v)| v);
+                    st.optimizer.clear_state();
+                    for (name, values) in c.optimizer {
+                        st.optimizer.set_state(&name, values)?;
+                    }
                     st.version = c.meta.param_version;
                     st.cursor = c.meta.shard_cursor;
                     info!(version = %st.version, dir = %dir.display(), "starting from checkpoint");
@@ -343,7 +346,7 @@ impl Trainer<'_> {
         };
         let has_optimizer_state = match &from {
             Some(from) => from.has_optimizer_state,
-            None => st.sgd.momentum_buf.is_some(),
+            None => !st.optimizer.state().is_empty(),
         };
         if rank != source {
             st.params.fill(0.0);
@@ -353,15 +356,23 @@ impl Trainer<'_> {
         self.ring
             .all_reduce_exact(BROADCAST_PARAMS, &mut st.params, ReduceOp::Sum)?;
         if has_optimizer_state {
+            // Every buffer the optimizer keeps, in its order (the source has
+            // them all once it has stepped).
             let n = st.params.len();
-            let buf = st.sgd.momentum_buf.get_or_insert_with(|| vec![0f32; n]);
-            if rank != source {
-                buf.fill(0.0);
+            for (i, &name) in st.optimizer.state_names().iter().enumerate() {
+                let mut buf = match st.optimizer.state().iter().find(|(s, _)| *s == name) {
+                    Some((_, b)) if rank == source => b.to_vec(),
+                    _ => vec![0f32; n],
+                };
+                self.ring.all_reduce_exact(
+                    BROADCAST_OPTIMIZER_STATE + i as u64,
+                    &mut buf,
+                    ReduceOp::Sum,
+                )?;
+                st.optimizer.set_state(name, buf)?;
             }
-            self.ring
-                .all_reduce_exact(BROADCAST_MOMENTUM, buf, ReduceOp::Sum)?;
         } else {
-            st.sgd.momentum_buf = None;
+            st.optimizer.clear_state();
         }
         if let Some(from) = from {
             st.version = from.version;
@@ -454,7 +465,11 @@ impl Trainer<'_> {
             let ar_s = t_ar.elapsed().as_secs_f64();
 
             let hash = info_span!("optimizer").in_scope(|| {
-                st.sgd.step(&mut st.params, &grads);
+                // The spec's learning rate until the schedule is wired in;
+                // t = the version after this step.
+                let lr = spec.optimizer.lr as f32;
+                st.optimizer
+                    .step(&mut st.params, &grads, lr, st.version.0 + 1);
                 st.model.flat_to_params(&st.params);
                 checkpoint::param_hash(&st.params)
             });
@@ -653,13 +668,7 @@ impl Trainer<'_> {
             param_hash: checkpoint::param_hash(&st.params),
             optimizer_hash: 0,
         };
-        let optimizer: Vec<(&str, &[f32])> = st
-            .sgd
-            .momentum_buf
-            .as_deref()
-            .map(|m| ("momentum", m))
-            .into_iter()
-            .collect();
+        let optimizer = st.optimizer.state();
         let dir = checkpoint::save(
             &a.checkpoint_dir,
             &meta,
