@@ -37,6 +37,10 @@ pub fn job_status(s: &JobSnapshot) -> pb::JobStatus {
         ring_generation: s.generation.0,
         model: s.model.clone(),
         submitted_unix_s: unix_seconds(s.submitted),
+        test_bits_per_byte: match s.eval {
+            Some((_, loss)) if s.text => loss / std::f64::consts::LN_2,
+            _ => 0.0,
+        },
     }
 }
 

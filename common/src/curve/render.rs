@@ -63,6 +63,8 @@ fn render(path: &Path, title: &str, rows: &[MetricRow], text: bool) -> Result<()
     let evals: Vec<(f64, f64)> = rows
         .iter()
         .filter_map(|r| r.eval.map(|(a, _)| (r.step as f64, a)))
+        // No accuracy where the model computes its own loss.
+        .filter(|(_, a)| a.is_finite())
         .collect();
     if losses.is_empty() && evals.is_empty() {
         return Err(ReportError::Empty);

@@ -69,7 +69,10 @@ pub struct JobSnapshot {
     pub workers_wanted: u32,
     pub loss: f64,
     pub samples_per_s: f64,
+    /// (test accuracy, NaN without one; test loss)
     pub eval: Option<(f64, f64)>,
+    /// Text data: the loss is over bytes, so it reads as bits per byte too.
+    pub text: bool,
     pub checkpoint_dir: String,
     pub generation: RingGeneration,
     pub submitted: SystemTime,
@@ -193,6 +196,7 @@ impl Job {
             loss: self.loss,
             samples_per_s: self.samples_per_s,
             eval: self.eval,
+            text: self.spec.dataset.format == ringtrain_common::jobspec::DataFormat::Text,
             checkpoint_dir: self.checkpoint_dir.clone(),
             generation: self.generation,
             submitted: self.submitted,
