@@ -3,7 +3,7 @@
 //!
 //! - [`ring`]: the ring all-reduce (engine, TCP and gRPC transports).
 //! - [`data`], [`model`], [`optim`], [`checkpoint`]: what a training step needs;
-//!   [`gpt`]: the built-in byte-level transformer.
+//!   `model::gpt`: the built-in byte-level transformer.
 //! - [`trainer`]: the per-job training loop; [`sync`]: how the members of a
 //!   new ring generation agree on the state to start from.
 //! - [`service`]: the worker process (registration, heartbeats, ring endpoints).
@@ -12,7 +12,6 @@ pub mod agent;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
-pub mod gpt;
 pub mod model;
 pub mod model_files;
 pub mod optim;

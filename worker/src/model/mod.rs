@@ -11,6 +11,7 @@
 //! the ring, still checkpointed).
 
 pub mod builtin;
+pub mod gpt;
 pub mod script;
 
 use std::collections::HashMap;
@@ -19,6 +20,7 @@ use ringtrain_common::jobspec::{JobSpec, LossKind, ModelKind, ModelSource};
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Reduction, Tensor};
 
+use self::gpt::{Gpt, GptConfig};
 use self::script::{ScriptError, ScriptModule};
 
 /// Rows per forward pass in [`Model::evaluate`], as in the reference script.
@@ -778,8 +780,20 @@ fn builtin_net(
             Box::new(builtin::Cnn::new(root, c, h, w, classes()?))
         }
         ModelKind::Gpt => {
-            let _ = spec;
-            return Err(ModelError::Data("model gpt is not built in yet".into()));
+            let m = &spec.model_config;
+            let context = if m.context == 0 {
+                spec.dataset.context
+            } else {
+                m.context
+            };
+            let cfg = GptConfig {
+                vocab: 256,
+                layers: m.layers as i64,
+                heads: m.heads as i64,
+                dim: m.dim as i64,
+                context: context as i64,
+            };
+            Box::new(Gpt::new(root, &cfg))
         }
     })
 }
