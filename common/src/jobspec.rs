@@ -599,7 +599,7 @@ impl JobSpec {
                     "layers, heads and dim must be at least 1",
                 ));
             }
-            if m.dim % m.heads != 0 {
+            if !m.dim.is_multiple_of(m.heads) {
                 return Err(invalid(
                     "model_config.dim",
                     format!("({}) must be a multiple of heads ({})", m.dim, m.heads),
