@@ -173,9 +173,7 @@ pub fn run_and_report(ctx: TrainerContext) {
 
 fn fresh_state(a: &Assignment) -> Result<TrainingState, TrainError> {
     let spec = &a.spec;
-    let dir = std::path::Path::new(&spec.dataset.path);
-    let train = data::load_idx_split(dir, true)?;
-    let test = data::load_idx_split(dir, false)?;
+    let data::Dataset { train, test } = data::load(&spec.dataset)?;
     let kind = spec.model.builtin().ok_or(TrainError::Stopped(
         "this worker trains built-in models only",
     ))?;
@@ -386,7 +384,7 @@ impl Trainer<'_> {
             let mine = data_plan::rank_slice(&positions, rank, world);
             let indices: Vec<i64> = mine.clone().map(|p| i64::from(perm[p as usize])).collect();
 
-            let (x, y) = info_span!("data").in_scope(|| data::batch(&st.train, &indices));
+            let (x, y) = info_span!("data").in_scope(|| st.train.batch(&indices));
             let t_fb = Instant::now();
             let loss = info_span!("forward_backward").in_scope(|| {
                 let scale = 1.0 / (positions.end - positions.start) as f64;
@@ -550,7 +548,7 @@ impl Trainer<'_> {
         let n = self.st.test.len() as u64;
         let mine = data_plan::rank_slice(&(0..n), self.rank(), self.world());
         let indices: Vec<i64> = mine.map(|i| i as i64).collect();
-        let (x, y) = data::batch(&self.st.test, &indices);
+        let (x, y) = self.st.test.batch(&indices);
         let (correct, loss_sum) = self.st.model.evaluate(&x, &y);
         let mut totals = [correct as f32, loss_sum as f32, indices.len() as f32];
         self.ring
