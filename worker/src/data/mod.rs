@@ -1,13 +1,14 @@
 //! Data sets loaded whole onto the CPU, in the formats a job spec names
 //! (`dataset.format`): MNIST's IDX files ([`idx`]), `inputs`/`targets`
 //! tensors in a safetensors file ([`tensors`]), a byte-level text corpus
-//! ([`text`]) and CIFAR-10's binary batches (not yet). [`load`] reads both
+//! ([`text`]) and CIFAR-10's binary batches ([`cifar`]). [`load`] reads both
 //! splits and applies the spec's filters (`classes`, then `limit`).
 //!
 //! A [`Split`] hands out batches by sample index; how it stores its samples
 //! (whole tensors, or a text corpus cut into windows on demand) is its own
 //! business.
 
+mod cifar;
 mod idx;
 mod tensors;
 mod text;
@@ -28,6 +29,11 @@ pub enum DataError {
     NotFound { path: PathBuf },
     #[error("dataset not found: {} does not exist", path.display())]
     Missing { path: PathBuf },
+    #[error(
+        "dataset not found: {} holds none of data_batch_1.bin ... data_batch_5.bin",
+        dir.display()
+    )]
+    NoCifarBatches { dir: PathBuf },
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -145,6 +151,12 @@ pub enum DataError {
         fraction: f64,
         context: usize,
     },
+    #[error(
+        "{}: {len} bytes is not a whole number of CIFAR records ({} bytes each)",
+        path.display(),
+        cifar::RECORD
+    )]
+    CifarLength { path: PathBuf, len: u64 },
     #[error("{}: the training split holds no samples", path.display())]
     NoTrainingSamples { path: PathBuf },
     /// `targets` describes what the split holds instead (kind and shape).
@@ -189,12 +201,7 @@ pub fn load(spec: &DatasetSpec) -> Result<Dataset, DataError> {
             })
         }
         DataFormat::Idx => idx::load(path)?,
-        DataFormat::Cifar => {
-            return Err(DataError::BadSpec {
-                key: "format",
-                problem: format!("{} is not supported by this worker yet", spec.format),
-            })
-        }
+        DataFormat::Cifar => cifar::load(path)?,
         DataFormat::Safetensors => tensors::load(path, test_path)?,
         DataFormat::Text => text::load(path, test_path, spec.context, spec.test_fraction)?,
     };
