@@ -27,7 +27,7 @@ pub struct Holding {
 const PIECE_BITS: u32 = 24;
 const PIECE_MASK: u64 = (1 << PIECE_BITS) - 1;
 /// 3 × 24 bits: any u64.
-const PIECES: usize = 3;
+pub(crate) const PIECES: usize = 3;
 /// Slots per member: two flags, then version, epoch and position in pieces.
 pub const SLOTS: usize = 2 + 3 * PIECES;
 
@@ -49,13 +49,21 @@ pub enum Plan {
 #[error("sync table: {0}")]
 pub struct SyncError(String);
 
-fn put(slots: &mut [f32], value: u64) {
+impl SyncError {
+    pub(crate) fn new(what: String) -> Self {
+        Self(what)
+    }
+}
+
+/// Writes `value` as [`PIECES`] exact f32 pieces of 24 bits.
+pub(crate) fn encode_u64(slots: &mut [f32], value: u64) {
     for (i, slot) in slots.iter_mut().enumerate() {
         *slot = ((value >> (PIECE_BITS * i as u32)) & PIECE_MASK) as f32;
     }
 }
 
-fn get(slots: &[f32]) -> Result<u64, SyncError> {
+/// Reads what [`encode_u64`] wrote.
+pub(crate) fn decode_u64(slots: &[f32]) -> Result<u64, SyncError> {
     let mut value = 0u64;
     for (i, &slot) in slots.iter().enumerate() {
         if !(slot >= 0.0 && slot <= PIECE_MASK as f32 && slot.fract() == 0.0) {
@@ -86,9 +94,9 @@ pub fn encode(mine: &Holding, rank: usize, world: usize) -> Vec<f32> {
     let row = &mut table[rank * SLOTS..(rank + 1) * SLOTS];
     row[0] = f32::from(u8::from(mine.trained));
     row[1] = f32::from(u8::from(mine.has_optimizer_state));
-    put(&mut row[2..2 + PIECES], mine.version.0);
-    put(&mut row[2 + PIECES..2 + 2 * PIECES], mine.cursor.epoch);
-    put(&mut row[2 + 2 * PIECES..], mine.cursor.position);
+    encode_u64(&mut row[2..2 + PIECES], mine.version.0);
+    encode_u64(&mut row[2 + PIECES..2 + 2 * PIECES], mine.cursor.epoch);
+    encode_u64(&mut row[2 + 2 * PIECES..], mine.cursor.position);
     table
 }
 
@@ -106,10 +114,10 @@ pub fn decode(table: &[f32], world: usize) -> Result<Vec<Holding>, SyncError> {
             Ok(Holding {
                 trained: flag(row[0])?,
                 has_optimizer_state: flag(row[1])?,
-                version: ParamVersion(get(&row[2..2 + PIECES])?),
+                version: ParamVersion(decode_u64(&row[2..2 + PIECES])?),
                 cursor: ShardCursor {
-                    epoch: get(&row[2 + PIECES..2 + 2 * PIECES])?,
-                    position: get(&row[2 + 2 * PIECES..])?,
+                    epoch: decode_u64(&row[2 + PIECES..2 + 2 * PIECES])?,
+                    position: decode_u64(&row[2 + 2 * PIECES..])?,
                 },
             })
         })

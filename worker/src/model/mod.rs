@@ -628,6 +628,81 @@ impl Model {
         });
     }
 
+    /// Values in every buffer's exact state (floating-point ones as f32,
+    /// integer ones as three 24-bit pieces each).
+    pub fn exact_buffer_len(&self) -> usize {
+        self.buffers
+            .iter()
+            .map(|(_, t)| {
+                let n = t.numel();
+                if t.is_floating_point() {
+                    n
+                } else {
+                    n * crate::sync::PIECES
+                }
+            })
+            .sum()
+    }
+
+    /// Every buffer, integer counters included, in a form an exact
+    /// all-reduce carries unchanged (for the sync that brings a new member
+    /// up to date).
+    pub fn exact_buffers(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.exact_buffer_len());
+        for (_, t) in &self.buffers {
+            let cpu = t.to_device(Device::Cpu).contiguous().flatten(0, -1);
+            if t.is_floating_point() {
+                out.extend(Vec::<f32>::try_from(&cpu.to_kind(Kind::Float)).unwrap_or_default());
+            } else {
+                for v in Vec::<i64>::try_from(&cpu.to_kind(Kind::Int64)).unwrap_or_default() {
+                    let mut pieces = [0f32; crate::sync::PIECES];
+                    crate::sync::encode_u64(&mut pieces, v as u64);
+                    out.extend(pieces);
+                }
+            }
+        }
+        out
+    }
+
+    /// Overwrites every buffer with what [`Model::exact_buffers`] gave.
+    pub fn set_exact_buffers(&mut self, values: &[f32]) -> Result<(), crate::sync::SyncError> {
+        if values.len() != self.exact_buffer_len() {
+            return Err(crate::sync::SyncError::new(format!(
+                "{} buffer values for {}",
+                values.len(),
+                self.exact_buffer_len()
+            )));
+        }
+        let mut at = 0;
+        let device = self.device;
+        tch::no_grad(|| {
+            for (_, t) in &mut self.buffers {
+                let n = t.numel();
+                let shape = t.size();
+                let src = if t.is_floating_point() {
+                    let v = Tensor::from_slice(&values[at..at + n]);
+                    at += n;
+                    v
+                } else {
+                    let mut ints = Vec::with_capacity(n);
+                    for p in
+                        values[at..at + n * crate::sync::PIECES].chunks_exact(crate::sync::PIECES)
+                    {
+                        ints.push(crate::sync::decode_u64(p)? as i64);
+                    }
+                    at += n * crate::sync::PIECES;
+                    Tensor::from_slice(&ints)
+                };
+                t.copy_(
+                    &src.view(shape.as_slice())
+                        .to_kind(t.kind())
+                        .to_device(device),
+                );
+            }
+            Ok(())
+        })
+    }
+
     /// A hash of everything replicas must hold alike besides the trained
     /// parameters: frozen parameters and every buffer.
     pub fn state_hash(&self) -> u64 {

@@ -2,18 +2,25 @@
 //! blocking: libtorch and the ring). It talks to the coordinator through the
 //! runtime handle.
 //!
-//! A worker's training state ([`TrainingState`]: parameters, optimizer state,
-//! version, shard cursor, model and data) outlives ring generations: when a
+//! A worker's training state ([`TrainingState`]: model, data, parameters,
+//! optimizer state, version, shard cursor) outlives ring generations: when a
 //! ring breaks or grows, the trainer leaves the generation, the state waits
 //! in the worker's [`StateSlot`], and the next generation's trainer picks it
 //! up. Each generation starts with a sync ([`crate::sync`]): members agree on
-//! the newest version, and the lowest rank holding it broadcasts parameters
-//! and optimizer state to the others if any is behind.
+//! the newest version, and the lowest rank holding it broadcasts parameters,
+//! buffers and optimizer state to the others if any is behind.
 //!
-//! Each step: take this rank's slice of the step's global batch, forward and
-//! backward with the loss scaled by 1/global_batch, ring all-reduce (sum) of
-//! the flat gradient, which makes it the mean over the global batch whatever
-//! the split, the optimizer on the flat parameters, report (version, hash).
+//! Each step: this rank's slice of the step's global batch, in `accumulate`
+//! micro-batches, forward and backward with the loss scaled by
+//! 1/global_batch (so the sum over ranks is the mean over the global batch,
+//! whatever the split); one ring all-reduce (sum) of the flat gradient; the
+//! model's buffers (BatchNorm statistics) averaged through the ring; the
+//! gradient clipped to its global norm (every replica holds the same one);
+//! the optimizer at the schedule's learning rate; report (version, hash of
+//! everything replicas must hold alike).
+
+mod job;
+mod metrics;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -21,39 +28,24 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ringtrain_common::data_plan::{self, ShardCursor};
+use ringtrain_common::data_plan;
 use ringtrain_common::metrics::Metrics;
 use ringtrain_common::worker_api::{
     Assignment, CheckpointReport, EvalReport, FinishReport, RingFailureReport, StepReport,
 };
-use ringtrain_common::{JobId, ParamVersion, WorkerId};
+use ringtrain_common::WorkerId;
 use ringtrain_proto as pb;
 use ringtrain_proto::worker_control_client::WorkerControlClient;
 use tonic::transport::Channel;
 use tracing::{info, info_span, warn};
 
+pub use self::job::{dry_run, prepare, TrainingState};
 use crate::checkpoint::{self, CheckpointMeta};
-use crate::data::{self, Split};
-use crate::model::Model;
-use crate::optim::{OptimError, Optimizer};
+use crate::data;
+use crate::optim::{self, OptimError, Schedule};
 use crate::ring::transport::LinkAbort;
 use crate::ring::{ReduceOp, Ring, RingEndpoints, RingError, RingOptions, RingSpec};
 use crate::sync::{self, Holding, Plan};
-use ringtrain_common::jobspec::JobSpec;
-
-/// A worker's training state for one job, kept between ring generations.
-pub struct TrainingState {
-    pub job: JobId,
-    model: Model,
-    train: Split,
-    test: Split,
-    params: Vec<f32>,
-    optimizer: Optimizer,
-    version: ParamVersion,
-    cursor: ShardCursor,
-    /// False until the first sync: `params` is only this worker's seeded init.
-    agreed: bool,
-}
 
 /// Where a worker's [`TrainingState`] waits between generations.
 pub type StateSlot = Arc<Mutex<Option<TrainingState>>>;
@@ -102,20 +94,43 @@ pub enum TrainError {
 }
 
 /// All-reduce step ids outside the training steps' range, so the sync,
-/// broadcasts and evaluations can never be confused with a gradient step.
+/// broadcasts, buffer averages and evaluations can never be confused with
+/// a gradient step.
+const BUFFERS_STEP: u64 = 1 << 61;
 const SYNC_STEP: u64 = 1 << 62;
 const BROADCAST_PARAMS: u64 = SYNC_STEP + 1;
+const BROADCAST_BUFFERS: u64 = SYNC_STEP + 2;
 /// The first optimizer state buffer's; the others follow.
-const BROADCAST_OPTIMIZER_STATE: u64 = SYNC_STEP + 2;
+const BROADCAST_OPTIMIZER_STATE: u64 = SYNC_STEP + 3;
 const EVAL_STEP: u64 = 1 << 63;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Tells the coordinator this member failed the job for good.
+pub fn report_failure(
+    ctx: &TrainerContext,
+    version: ringtrain_common::ParamVersion,
+    error: String,
+) {
+    let a = &ctx.assignment;
+    let report = pb::FinishReport::from(&FinishReport {
+        worker: ctx.worker_id,
+        job: a.job,
+        generation: a.generation,
+        version,
+        error: Some(error),
+    });
+    let mut client = ctx.client.clone();
+    if let Err(e) = ctx.runtime.block_on(client.report_finish(report)) {
+        warn!(error = %e.message(), "could not report the failure");
+    }
+}
+
 /// Runs one generation of the assignment and tells the coordinator how it
 /// ended: finished, failed for good, or left because the ring broke.
-pub fn run_and_report(ctx: TrainerContext) {
+pub fn run_and_report(ctx: &TrainerContext) {
     let a = &ctx.assignment;
     let span = info_span!("job", id = %a.job, rank = a.rank.0, gen = a.generation.0);
     let _g = span.enter();
@@ -123,22 +138,20 @@ pub fn run_and_report(ctx: TrainerContext) {
         Some(s) if s.job == a.job => Some(s),
         _ => None,
     };
-    let result = run(&ctx, &mut state);
+    let result = run(ctx, &mut state);
     *lock(&ctx.abort) = None;
     let version = state.as_ref().map(|s| s.version).unwrap_or_default();
     let mut client = ctx.client.clone();
-    let finish = |error: Option<String>| {
-        pb::FinishReport::from(&FinishReport {
-            worker: ctx.worker_id,
-            job: a.job,
-            generation: a.generation,
-            version,
-            error,
-        })
-    };
     match result {
         Ok(()) => {
-            if let Err(e) = ctx.runtime.block_on(client.report_finish(finish(None))) {
+            let report = pb::FinishReport::from(&FinishReport {
+                worker: ctx.worker_id,
+                job: a.job,
+                generation: a.generation,
+                version,
+                error: None,
+            });
+            if let Err(e) = ctx.runtime.block_on(client.report_finish(report)) {
                 warn!(error = %e.message(), "could not report the end of training");
             }
         }
@@ -171,84 +184,26 @@ pub fn run_and_report(ctx: TrainerContext) {
         }
         Err(e) => {
             warn!(error = %e, "training failed");
-            if let Err(e) = ctx
-                .runtime
-                .block_on(client.report_finish(finish(Some(e.to_string()))))
-            {
-                warn!(error = %e.message(), "could not report the failure");
-            }
+            report_failure(ctx, version, e.to_string());
         }
     }
-}
-
-/// The data and model a job trains, as its spec says, with the bytes of its
-/// TorchScript file if it has one (blocking: reads files).
-pub(crate) fn prepare(
-    spec: &JobSpec,
-    script: Option<&[u8]>,
-) -> Result<(Model, Split, Split), TrainError> {
-    let dir = std::path::Path::new(&spec.dataset.path);
-    let train = data::load_idx_split(dir, true)?;
-    let test = data::load_idx_split(dir, false)?;
-    let shape = crate::model::DataShape {
-        sample: vec![1, 28, 28],
-        classes: Some(10),
-    };
-    let device = crate::model::device(&spec.device)?;
-    let init_from = if spec.init_from.is_empty() {
-        None
-    } else {
-        let file = checkpoint::weights_file(std::path::Path::new(&spec.init_from));
-        Some((
-            format!("init_from {}", file.display()),
-            checkpoint::read_safetensors(&file)?,
-        ))
-    };
-    let init = init_from.as_ref().map(|(origin, t)| (origin.as_str(), t));
-    let model = Model::build(spec, &shape, script, init, device)?;
-    Ok((model, train, test))
-}
-
-/// What a dry run checks before a job is accepted: the model builds on the
-/// job's data and one forward on a few training samples gives what the loss
-/// needs.
-pub fn dry_run(spec: &JobSpec, script: Option<&[u8]>) -> Result<(), TrainError> {
-    let (mut model, train, _) = prepare(spec, script)?;
-    let n = train.len().min(spec.batch_size).min(8) as i64;
-    let indices: Vec<i64> = (0..n).collect();
-    let (x, y) = data::batch(&train, &indices);
-    model.check(&x, &y)?;
-    Ok(())
-}
-
-fn fresh_state(a: &Assignment, script: Option<&[u8]>) -> Result<TrainingState, TrainError> {
-    let spec = &a.spec;
-    let (model, train, test) = prepare(spec, script)?;
-    let mut params = vec![0f32; model.num_params()];
-    model.params_to_flat(&mut params);
-    let optimizer = Optimizer::new(&spec.optimizer, params.len());
-    Ok(TrainingState {
-        job: a.job,
-        model,
-        train,
-        test,
-        params,
-        optimizer,
-        version: ParamVersion(0),
-        cursor: ShardCursor::default(),
-        agreed: false,
-    })
 }
 
 fn run(ctx: &TrainerContext, slot: &mut Option<TrainingState>) -> Result<(), TrainError> {
     let a = &ctx.assignment;
     tch::set_num_threads(a.spec.threads as i32);
+    // Dropout differs by rank (as under DDP) and is reproducible.
+    tch::manual_seed((a.spec.seed ^ (u64::from(a.rank.0) << 32)) as i64);
     if slot.is_none() {
         let script = ctx
             .runtime
             .block_on(ctx.model_files.get(&a.spec.model))
             .map_err(|e| TrainError::ModelFile(e.to_string()))?;
-        *slot = Some(fresh_state(a, script.as_deref().map(Vec::as_slice))?);
+        *slot = Some(job::fresh(
+            a.job,
+            &a.spec,
+            script.as_deref().map(Vec::as_slice),
+        )?);
     }
     let st = slot.as_mut().ok_or(TrainError::Stopped("no state"))?;
     let ring_spec = RingSpec {
@@ -287,6 +242,20 @@ struct Trainer<'a> {
     st: &'a mut TrainingState,
 }
 
+/// `indices` cut into `parts` balanced micro-batches (some may be empty).
+fn micro_batches(indices: &[i64], parts: usize) -> Vec<&[i64]> {
+    let parts = parts.max(1);
+    let (base, rem) = (indices.len() / parts, indices.len() % parts);
+    let mut out = Vec::with_capacity(parts);
+    let mut at = 0;
+    for i in 0..parts {
+        let len = base + usize::from(i < rem);
+        out.push(&indices[at..at + len]);
+        at += len;
+    }
+    out
+}
+
 impl Trainer<'_> {
     fn rank(&self) -> usize {
         self.ctx.assignment.rank.index()
@@ -301,6 +270,18 @@ impl Trainer<'_> {
             return Err(TrainError::Stopped("the coordinator moved this worker"));
         }
         Ok(())
+    }
+
+    /// A blocking call to the coordinator.
+    fn call<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, TrainError> {
+        self.ctx
+            .runtime
+            .block_on(f)
+            .map(tonic::Response::into_inner)
+            .map_err(|e| TrainError::Coordinator(e.message().to_string()))
     }
 
     /// Agrees on the state every member starts this generation from (see
@@ -326,7 +307,7 @@ impl Trainer<'_> {
             Plan::Broadcast { source, from } => (source, Some(from)),
             Plan::Fresh => {
                 // Nobody has trained yet: every member starts from the same
-                // checkpoint or seeded init; rank 0's copy is made everyone's.
+                // checkpoint or init; rank 0's copy is made everyone's.
                 if let Some(dir) = &self.ctx.assignment.resume_from {
                     let states = st.optimizer.state_names();
                     let c = checkpoint::load(dir, st.model.layout(), states)?;
@@ -348,13 +329,21 @@ impl Trainer<'_> {
             Some(from) => from.has_optimizer_state,
             None => !st.optimizer.state().is_empty(),
         };
+        let t0 = Instant::now();
+        // Zeros from every other rank make each sum an exact copy of the source's.
         if rank != source {
             st.params.fill(0.0);
         }
-        let t0 = Instant::now();
-        // Zeros from every other rank make the sum an exact copy of the source's.
         self.ring
             .all_reduce_exact(BROADCAST_PARAMS, &mut st.params, ReduceOp::Sum)?;
+        let mut buffers = if rank == source {
+            st.model.exact_buffers()
+        } else {
+            vec![0f32; st.model.exact_buffer_len()]
+        };
+        self.ring
+            .all_reduce_exact(BROADCAST_BUFFERS, &mut buffers, ReduceOp::Sum)?;
+        st.model.set_exact_buffers(&buffers)?;
         if has_optimizer_state {
             // Every buffer the optimizer keeps, in its order (the source has
             // them all once it has stepped).
@@ -393,7 +382,7 @@ impl Trainer<'_> {
 
     fn train(&mut self) -> Result<(), TrainError> {
         let spec = self.ctx.assignment.spec.clone();
-        let samples = self.st.train.len() as u64;
+        let samples = self.st.data.train.len() as u64;
         let (rank, world) = (self.rank(), self.world());
         let global_batch = spec.global_batch(world);
         let total = data_plan::total_steps(
@@ -410,12 +399,13 @@ impl Trainer<'_> {
                 "ring size differs from the spec: the effective global batch changed"
             );
         }
+        let schedule = Schedule::new(&spec.schedule, spec.optimizer.lr, total);
+        let clip = spec.optimizer.clip_grad_norm as f32;
         let mut perm_epoch = u64::MAX;
         let mut perm: Vec<u32> = Vec::new();
-        let job = self.ctx.assignment.job.to_string();
-        let labels = [("job", job.as_str())];
-        let m = self.ctx.metrics.clone();
+        let recorder = metrics::Recorder::new(&self.ctx.metrics, &self.ctx.assignment);
         let mut grads = vec![0f32; self.st.params.len()];
+        let mut buffers = vec![0f32; self.st.model.buffer_layout().total()];
         let mut audit = self.audit_file()?;
         // Epochs bound the job by data, max_steps by versions: with a ring that
         // changes size, steps per epoch change, so `total` is an estimate.
@@ -423,13 +413,7 @@ impl Trainer<'_> {
             (spec.max_steps > 0 && st.version.0 >= spec.max_steps)
                 || (spec.epochs > 0 && st.cursor.epoch >= spec.epochs)
         };
-        info!(
-            total_steps = total,
-            world,
-            global_batch,
-            version = %self.st.version,
-            "training"
-        );
+        info!(total_steps = total, world, global_batch, version = %self.st.version, "training");
         while !done(self.st) {
             self.stop_if_cancelled()?;
             let span = info_span!("step", version = self.st.version.next().0);
@@ -437,42 +421,63 @@ impl Trainer<'_> {
             let started = Instant::now();
             let st = &mut *self.st;
             if perm_epoch != st.cursor.epoch {
-                perm = data_plan::epoch_permutation(spec.seed, st.cursor.epoch, st.train.len());
+                perm =
+                    data_plan::epoch_permutation(spec.seed, st.cursor.epoch, st.data.train.len());
                 perm_epoch = st.cursor.epoch;
             }
             let positions = data_plan::step_positions(st.cursor, global_batch, samples);
             let mine = data_plan::rank_slice(&positions, rank, world);
             let indices: Vec<i64> = mine.clone().map(|p| i64::from(perm[p as usize])).collect();
+            let in_step = positions.end - positions.start;
 
-            let (x, y) = info_span!("data").in_scope(|| data::batch(&st.train, &indices));
+            let mut data_s = 0.0;
             let t_fb = Instant::now();
             let loss = info_span!("forward_backward").in_scope(|| {
                 st.model.zero_grads();
-                let loss = st
-                    .model
-                    .accumulate_gradients(&x, &y, positions.end - positions.start);
+                let mut loss_sum = 0.0;
+                for micro in micro_batches(&indices, spec.accumulate) {
+                    let t_data = Instant::now();
+                    let (x, y) = info_span!("data").in_scope(|| st.data.train.batch(micro));
+                    data_s += t_data.elapsed().as_secs_f64();
+                    loss_sum +=
+                        st.model.accumulate_gradients(&x, &y, in_step)? * micro.len() as f64;
+                }
                 st.model.grads_to_flat(&mut grads);
-                loss
-            });
-            let loss = loss?;
-            let fb_s = t_fb.elapsed().as_secs_f64();
+                Ok::<_, TrainError>(loss_sum / indices.len().max(1) as f64)
+            })?;
+            let fb_s = t_fb.elapsed().as_secs_f64() - data_s;
 
             let t_ar = Instant::now();
             info_span!("allreduce").in_scope(|| {
                 self.ring
-                    .all_reduce(st.version.0, &mut grads, ReduceOp::Sum)
+                    .all_reduce(st.version.0, &mut grads, ReduceOp::Sum)?;
+                if !buffers.is_empty() {
+                    // Running statistics: the replicas' mean, exact and alike.
+                    st.model.buffers_to_flat(&mut buffers);
+                    self.ring.all_reduce_exact(
+                        BUFFERS_STEP | st.version.0,
+                        &mut buffers,
+                        ReduceOp::Mean,
+                    )?;
+                    st.model.flat_to_buffers(&buffers);
+                }
+                Ok::<_, RingError>(())
             })?;
             let ar_s = t_ar.elapsed().as_secs_f64();
 
-            let hash = info_span!("optimizer").in_scope(|| {
-                // The spec's learning rate until the schedule is wired in;
-                // t = the version after this step.
-                let lr = spec.optimizer.lr as f32;
+            let t_opt = Instant::now();
+            let lr = schedule.lr(st.version.0);
+            let (hash, grad_norm) = info_span!("optimizer").in_scope(|| {
+                // Every replica holds the same reduced gradient, so the same norm.
+                let norm = (clip > 0.0).then(|| optim::clip_grad_norm(&mut grads, clip));
                 st.optimizer
-                    .step(&mut st.params, &grads, lr, st.version.0 + 1);
+                    .step(&mut st.params, &grads, lr as f32, st.version.0 + 1);
                 st.model.flat_to_params(&st.params);
-                checkpoint::param_hash(&st.params)
+                let hash =
+                    checkpoint::param_hash(&st.params) ^ st.model.state_hash().rotate_left(17);
+                (hash, norm)
             });
+            let opt_s = t_opt.elapsed().as_secs_f64();
             st.version = st.version.next();
             let epoch_of_step = st.cursor.epoch;
             st.cursor = data_plan::advance(st.cursor, &positions, samples);
@@ -482,6 +487,8 @@ impl Trainer<'_> {
                 forward_backward_s = fb_s,
                 allreduce_s = ar_s,
                 loss,
+                lr,
+                grad_norm,
                 "step done"
             );
             if let Some(f) = audit.as_mut() {
@@ -489,69 +496,25 @@ impl Trainer<'_> {
                 let line = serde_json::json!({"version": st.version.0, "epoch": epoch_of_step, "ids": ids});
                 writeln!(f, "{line}")?;
             }
-
-            m.inc(
-                "ringtrain_worker_steps_total",
-                "Training steps taken.",
-                &labels,
-                1.0,
-            );
-            m.inc(
-                "ringtrain_worker_samples_total",
-                "Training samples processed by this worker.",
-                &labels,
-                indices.len() as f64,
-            );
-            m.inc(
-                "ringtrain_allreduce_seconds_total",
-                "Seconds spent in ring all-reduce.",
-                &labels,
-                ar_s,
-            );
-            m.inc(
-                "ringtrain_allreduce_bytes_total",
-                "Gradient bytes all-reduced.",
-                &labels,
-                (grads.len() * 4) as f64,
-            );
-            m.inc(
-                "ringtrain_forward_backward_seconds_total",
-                "Seconds in forward and backward passes.",
-                &labels,
-                fb_s,
-            );
-            m.set(
-                "ringtrain_worker_loss",
-                "Training loss of the last local batch.",
-                &labels,
+            recorder.step(&metrics::StepFigures {
+                samples: indices.len(),
                 loss,
-            );
-            m.set(
-                "ringtrain_worker_param_version",
-                "Parameter version held.",
-                &labels,
-                st.version.0 as f64,
-            );
-            m.set(
-                "ringtrain_ring_generation",
-                "Ring generation this worker is in.",
-                &labels,
-                self.ctx.assignment.generation.0 as f64,
-            );
-            if step_s > 0.0 {
-                m.set(
-                    "ringtrain_worker_samples_per_second",
-                    "Samples per second of the last step.",
-                    &labels,
-                    indices.len() as f64 / step_s,
-                );
-            }
+                version: st.version.0,
+                data_s,
+                forward_backward_s: fb_s,
+                allreduce_s: ar_s,
+                optimizer_s: opt_s,
+                step_s,
+                allreduce_bytes: (grads.len() + buffers.len()) * 4,
+                lr,
+            });
 
+            let a = &self.ctx.assignment;
             let report = StepReport {
                 worker: self.ctx.worker_id,
-                job: self.ctx.assignment.job,
-                generation: self.ctx.assignment.generation,
-                rank: self.ctx.assignment.rank,
+                job: a.job,
+                generation: a.generation,
+                rank: a.rank,
                 version: st.version,
                 param_hash: hash,
                 loss,
@@ -562,12 +525,11 @@ impl Trainer<'_> {
                 total_steps: total,
             };
             let version = st.version.0;
-            let reply = self
-                .ctx
-                .runtime
-                .block_on(self.client.report_step(pb::StepReport::from(&report)))
-                .map_err(|e| TrainError::Coordinator(e.message().to_string()))?
-                .into_inner();
+            let reply = self.call(
+                self.client
+                    .clone()
+                    .report_step(pb::StepReport::from(&report)),
+            )?;
             if !reply.continue_job {
                 return Err(TrainError::Stopped(
                     "the coordinator ended this ring generation",
@@ -610,29 +572,34 @@ impl Trainer<'_> {
     }
 
     /// Each rank scores its slice of the test set; a sum all-reduce of
-    /// (correct, loss sum, count) gives every rank the totals.
+    /// (correct, loss sum, count, ranks with an accuracy) gives every rank
+    /// the totals. Nothing to do without a test split.
     fn evaluate(&mut self) -> Result<(), TrainError> {
-        let n = self.st.test.len() as u64;
+        let n = self.st.data.test.len() as u64;
+        if n == 0 {
+            return Ok(());
+        }
         let mine = data_plan::rank_slice(&(0..n), self.rank(), self.world());
         let indices: Vec<i64> = mine.map(|i| i as i64).collect();
-        let (x, y) = data::batch(&self.st.test, &indices);
+        let (x, y) = self.st.data.test.batch(&indices);
         let sums = self.st.model.evaluate(&x, &y)?;
         let mut totals = [
             sums.correct.unwrap_or(0.0) as f32,
             sums.loss_sum as f32,
             sums.count as f32,
+            f32::from(u8::from(sums.correct.is_some())),
         ];
         self.ring
             .all_reduce_exact(EVAL_STEP | self.st.version.0, &mut totals, ReduceOp::Sum)?;
         let count = f64::from(totals[2]).max(1.0);
-        let (accuracy, loss) = (f64::from(totals[0]) / count, f64::from(totals[1]) / count);
+        let accuracy = if totals[3] as usize == self.world() {
+            f64::from(totals[0]) / count
+        } else {
+            f64::NAN
+        };
+        let loss = f64::from(totals[1]) / count;
         if self.rank() == 0 {
-            info!(
-                version = %self.st.version,
-                test_accuracy = accuracy,
-                test_loss = loss,
-                "evaluation"
-            );
+            info!(version = %self.st.version, test_accuracy = accuracy, test_loss = loss, "evaluation");
             let a = &self.ctx.assignment;
             let report = EvalReport {
                 worker: self.ctx.worker_id,
@@ -641,12 +608,13 @@ impl Trainer<'_> {
                 version: self.st.version,
                 accuracy,
                 loss,
-                samples: count as u64,
+                samples: n,
             };
-            self.ctx
-                .runtime
-                .block_on(self.client.report_eval(pb::EvalReport::from(&report)))
-                .map_err(|e| TrainError::Coordinator(e.message().to_string()))?;
+            self.call(
+                self.client
+                    .clone()
+                    .report_eval(pb::EvalReport::from(&report)),
+            )?;
         }
         Ok(())
     }
@@ -663,7 +631,7 @@ impl Trainer<'_> {
             param_version: st.version,
             epoch: st.cursor.epoch,
             shard_cursor: st.cursor,
-            model: a.spec.model.to_string(),
+            model: st.model.description().to_string(),
             num_params: st.params.len(),
             param_hash: checkpoint::param_hash(&st.params),
             optimizer_hash: 0,
@@ -685,13 +653,29 @@ impl Trainer<'_> {
             version: st.version,
             dir,
         };
-        self.ctx
-            .runtime
-            .block_on(
-                self.client
-                    .report_checkpoint(pb::CheckpointReport::from(&report)),
-            )
-            .map_err(|e| TrainError::Coordinator(e.message().to_string()))?;
+        self.call(
+            self.client
+                .clone()
+                .report_checkpoint(pb::CheckpointReport::from(&report)),
+        )?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::micro_batches;
+
+    #[test]
+    fn micro_batches_cover_the_slice_in_order_and_balance() {
+        let idx: Vec<i64> = (0..10).collect();
+        let parts = micro_batches(&idx, 3);
+        assert_eq!(parts, [&idx[0..4], &idx[4..7], &idx[7..10]]);
+        assert_eq!(micro_batches(&idx, 1), [&idx[..]]);
+        let few = micro_batches(&idx[..2], 4);
+        assert_eq!(
+            few.iter().map(|p| p.len()).collect::<Vec<_>>(),
+            [1, 1, 0, 0]
+        );
     }
 }

@@ -5,53 +5,12 @@ use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use tch::{Kind, Tensor};
+use tch::Kind;
+
+use super::{tensor_from_bytes, DataError, Dataset, Split};
 
 const IMAGES_MAGIC: u32 = 0x0000_0803;
 const LABELS_MAGIC: u32 = 0x0000_0801;
-
-/// Why a split could not be loaded. Each names the file involved.
-#[derive(Debug, thiserror::Error)]
-pub enum DataError {
-    /// `path` is the plain file name; its `.gz` twin was looked for too.
-    #[error("dataset not found: {}(.gz) does not exist", path.display())]
-    NotFound { path: PathBuf },
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{}: not an IDX {what} file (magic {magic:#010x})", path.display())]
-    BadMagic {
-        path: PathBuf,
-        what: IdxKind,
-        magic: u32,
-    },
-    #[error("{}: truncated: expected {expected} bytes, found {found}", path.display())]
-    Truncated {
-        path: PathBuf,
-        expected: u64,
-        found: u64,
-    },
-    #[error("{}: {extra} bytes of trailing data after {expected} bytes", path.display())]
-    TrailingData {
-        path: PathBuf,
-        expected: u64,
-        extra: u64,
-    },
-    #[error(
-        "{} holds {images} images but {} holds {labels} labels",
-        images_path.display(),
-        labels_path.display()
-    )]
-    CountMismatch {
-        images_path: PathBuf,
-        images: u64,
-        labels_path: PathBuf,
-        labels: u64,
-    },
-}
 
 /// Which of the two IDX files of a split.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,28 +28,17 @@ impl fmt::Display for IdxKind {
     }
 }
 
-/// One split of a dataset, on the CPU.
-#[derive(Debug)]
-pub struct Split {
-    /// `[N, 1, rows, cols]` f32 in [0, 1] (`[N, 1, 28, 28]` for (Fashion-)MNIST).
-    pub images: Tensor,
-    /// `[N]` i64.
-    pub labels: Tensor,
-}
-
-impl Split {
-    pub fn len(&self) -> usize {
-        self.labels.size().first().map_or(0, |&n| n as usize)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
+/// Loads the train (`train-*`) and test (`t10k-*`) splits from `dir`.
+pub(super) fn load(dir: &Path) -> Result<Dataset, DataError> {
+    Ok(Dataset {
+        train: load_split(dir, true)?,
+        test: load_split(dir, false)?,
+    })
 }
 
 /// Loads the train (`train-*`) or test (`t10k-*`) split from `dir`, preferring
 /// `.gz` files over plain ones when both exist.
-pub fn load_idx_split(dir: &Path, train: bool) -> Result<Split, DataError> {
+fn load_split(dir: &Path, train: bool) -> Result<Split, DataError> {
     let prefix = if train { "train" } else { "t10k" };
     let images_path = find(dir, &format!("{prefix}-images-idx3-ubyte"))?;
     let labels_path = find(dir, &format!("{prefix}-labels-idx1-ubyte"))?;
@@ -111,24 +59,19 @@ pub fn load_idx_split(dir: &Path, train: bool) -> Result<Split, DataError> {
         images.dims[1] as i64,
         images.dims[2] as i64,
     );
-    let mut x = Tensor::from_data_size(images.payload(), &[n, 1, rows, cols], Kind::Uint8)
+    let malformed = |path: &Path| {
+        let path = path.to_owned();
+        move |problem| DataError::Malformed { path, problem }
+    };
+    let mut x = tensor_from_bytes(images.payload(), &[n, 1, rows, cols], Kind::Uint8)
+        .map_err(malformed(&images_path))?
         .to_kind(Kind::Float);
     // Divide (not multiply by 1/255) so pixels equal the reference script's bit for bit.
     let _ = x.g_div_scalar_(255.0);
-    let y = Tensor::from_data_size(labels.payload(), &[n], Kind::Uint8).to_kind(Kind::Int64);
-    Ok(Split {
-        images: x,
-        labels: y,
-    })
-}
-
-/// Gathers the rows at `indices` (panics if one is out of range).
-pub fn batch(split: &Split, indices: &[i64]) -> (Tensor, Tensor) {
-    let idx = Tensor::from_slice(indices);
-    (
-        split.images.index_select(0, &idx),
-        split.labels.index_select(0, &idx),
-    )
+    let y = tensor_from_bytes(labels.payload(), &[n], Kind::Uint8)
+        .map_err(malformed(&labels_path))?
+        .to_kind(Kind::Int64);
+    Ok(Split::pairs(x, y))
 }
 
 fn find(dir: &Path, name: &str) -> Result<PathBuf, DataError> {
@@ -201,7 +144,9 @@ fn read_idx(path: &Path, kind: IdxKind) -> Result<Idx, DataError> {
         .chunks_exact(4)
         .map(|c| u64::from(u32::from_be_bytes([c[0], c[1], c[2], c[3]])))
         .collect();
-    let expected = header_len as u64 + dims.iter().product::<u64>();
+    // Saturating: dimensions whose product overflows read as "truncated".
+    let payload_len = dims.iter().fold(1u64, |acc, &d| acc.saturating_mul(d));
+    let expected = (header_len as u64).saturating_add(payload_len);
     let found = bytes.len() as u64;
     if found < expected {
         return Err(truncated(expected));
@@ -224,7 +169,11 @@ fn read_idx(path: &Path, kind: IdxKind) -> Result<Idx, DataError> {
 mod tests {
     use std::io::Write;
 
+    use ringtrain_common::jobspec::DataFormat;
+    use tch::Tensor;
+
     use super::*;
+    use crate::data::{self, tests as data_tests};
 
     const FASHION: &str = "/usr/share/datasets/fashion-mnist";
 
@@ -259,11 +208,14 @@ mod tests {
 
     fn check_small(split: &Split) {
         assert_eq!(split.len(), 3);
-        assert_eq!(split.images.size(), [3, 1, 2, 2]);
-        assert_eq!(split.images.kind(), Kind::Float);
-        assert_eq!(split.labels.kind(), Kind::Int64);
-        assert_eq!(Vec::<i64>::try_from(&split.labels).unwrap(), [7, 0, 9]);
-        let px = Vec::<f32>::try_from(split.images.flatten(0, -1)).unwrap();
+        assert_eq!(split.sample_shape(), [1, 2, 2]);
+        assert_eq!(split.num_classes(), Some(10));
+        let (images, labels) = split.batch(&[0, 1, 2]);
+        assert_eq!(images.size(), [3, 1, 2, 2]);
+        assert_eq!(images.kind(), Kind::Float);
+        assert_eq!(labels.kind(), Kind::Int64);
+        assert_eq!(Vec::<i64>::try_from(&labels).unwrap(), [7, 0, 9]);
+        let px = Vec::<f32>::try_from(images.flatten(0, -1)).unwrap();
         assert_eq!(&px[..4], &[0.0; 4]);
         assert_eq!(&px[4..8], &[85.0 / 255.0; 4]);
         assert_eq!(&px[8..], &[1.0; 4]);
@@ -275,8 +227,8 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             write_small(dir.path(), "train", gzip);
             write_small(dir.path(), "t10k", gzip);
-            check_small(&load_idx_split(dir.path(), true).unwrap());
-            check_small(&load_idx_split(dir.path(), false).unwrap());
+            check_small(&load_split(dir.path(), true).unwrap());
+            check_small(&load_split(dir.path(), false).unwrap());
         }
     }
 
@@ -286,19 +238,19 @@ mod tests {
         write_small(dir.path(), "train", true);
         // A broken plain twin: loading must not look at it.
         std::fs::write(dir.path().join("train-images-idx3-ubyte"), b"junk").unwrap();
-        check_small(&load_idx_split(dir.path(), true).unwrap());
+        check_small(&load_split(dir.path(), true).unwrap());
     }
 
     #[test]
     fn batch_gathers_rows() {
         let dir = tempfile::tempdir().unwrap();
         write_small(dir.path(), "train", false);
-        let split = load_idx_split(dir.path(), true).unwrap();
-        let (x, y) = batch(&split, &[2, 0]);
+        let split = load_split(dir.path(), true).unwrap();
+        let (x, y) = split.batch(&[2, 0]);
         assert_eq!(x.size(), [2, 1, 2, 2]);
         assert_eq!(Vec::<i64>::try_from(&y).unwrap(), [9, 7]);
         assert_eq!(x.double_value(&[0, 0, 1, 1]), 1.0);
-        let (x, y) = batch(&split, &[]);
+        let (x, y) = split.batch(&[]);
         assert_eq!((x.size()[0], y.size()[0]), (0, 0));
     }
 
@@ -307,13 +259,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write_small(dir.path(), "train", false);
         std::fs::remove_file(dir.path().join("train-labels-idx1-ubyte")).unwrap();
-        let e = load_idx_split(dir.path(), true).unwrap_err().to_string();
+        let e = load_split(dir.path(), true).unwrap_err().to_string();
         let want = format!(
             "dataset not found: {}/train-labels-idx1-ubyte(.gz) does not exist",
             dir.path().display()
         );
         assert_eq!(e, want);
-        let e = load_idx_split(dir.path(), false).unwrap_err().to_string();
+        let e = load_split(dir.path(), false).unwrap_err().to_string();
         assert!(
             e.contains("t10k-images-idx3-ubyte(.gz) does not exist"),
             "{e}"
@@ -328,7 +280,7 @@ mod tests {
         let labels = idx_bytes(LABELS_MAGIC, &[3], &[1, 2, 3]);
         let path = dir.path().join("train-images-idx3-ubyte.gz");
         std::fs::write(&path, gz(&labels)).unwrap();
-        let e = load_idx_split(dir.path(), true).unwrap_err().to_string();
+        let e = load_split(dir.path(), true).unwrap_err().to_string();
         assert_eq!(
             e,
             format!(
@@ -345,20 +297,20 @@ mod tests {
         let path = dir.path().join("train-images-idx3-ubyte");
         let full = std::fs::read(&path).unwrap();
         std::fs::write(&path, &full[..full.len() - 5]).unwrap();
-        let e = load_idx_split(dir.path(), true).unwrap_err().to_string();
+        let e = load_split(dir.path(), true).unwrap_err().to_string();
         assert_eq!(
             e,
             format!("{}: truncated: expected 28 bytes, found 23", path.display())
         );
 
         std::fs::write(&path, &full[..6]).unwrap();
-        let e = load_idx_split(dir.path(), true).unwrap_err().to_string();
+        let e = load_split(dir.path(), true).unwrap_err().to_string();
         assert!(e.ends_with("truncated: expected 16 bytes, found 6"), "{e}");
 
         let mut long = full.clone();
         long.push(0);
         std::fs::write(&path, long).unwrap();
-        let e = load_idx_split(dir.path(), true).unwrap_err().to_string();
+        let e = load_split(dir.path(), true).unwrap_err().to_string();
         assert!(
             e.ends_with("1 bytes of trailing data after 28 bytes"),
             "{e}"
@@ -371,7 +323,7 @@ mod tests {
         write_small(dir.path(), "train", true);
         let path = dir.path().join("train-labels-idx1-ubyte.gz");
         std::fs::write(&path, b"not gzip at all").unwrap();
-        let e = load_idx_split(dir.path(), true).unwrap_err().to_string();
+        let e = load_split(dir.path(), true).unwrap_err().to_string();
         assert!(e.starts_with(&format!("{}: ", path.display())), "{e}");
     }
 
@@ -381,9 +333,53 @@ mod tests {
         write_small(dir.path(), "train", false);
         let labels = idx_bytes(LABELS_MAGIC, &[2], &[1, 2]);
         std::fs::write(dir.path().join("train-labels-idx1-ubyte"), labels).unwrap();
-        let e = load_idx_split(dir.path(), true).unwrap_err().to_string();
+        let e = load_split(dir.path(), true).unwrap_err().to_string();
         assert!(e.contains("holds 3 images but"), "{e}");
         assert!(e.ends_with("holds 2 labels"), "{e}");
+    }
+
+    #[test]
+    fn load_reads_both_splits_and_filters_them() {
+        let dir = tempfile::tempdir().unwrap();
+        write_small(dir.path(), "train", false);
+        write_small(dir.path(), "t10k", true);
+        let mut spec = data_tests::spec(DataFormat::Idx, dir.path());
+        let ds = data::load(&spec).unwrap();
+        check_small(&ds.train);
+        check_small(&ds.test);
+        spec.classes = vec![9, 7];
+        spec.limit = 1;
+        let ds = data::load(&spec).unwrap();
+        assert_eq!(data_tests::ints(&ds.train.batch(&[0]).1), [7]);
+        assert_eq!(ds.train.len(), 1);
+        let (x, y) = ds.test.batch(&[0, 1]);
+        assert_eq!(data_tests::ints(&y), [7, 9]);
+        assert_eq!(data_tests::floats(&x), [[0.0; 4], [1.0; 4]].concat());
+    }
+
+    #[test]
+    fn absurd_dimensions_are_errors_not_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        write_small(dir.path(), "train", false);
+        let path = dir.path().join("train-images-idx3-ubyte");
+        let header = idx_bytes(IMAGES_MAGIC, &[u32::MAX; 3], &[]);
+        std::fs::write(&path, header).unwrap();
+        let e = load_split(dir.path(), true).unwrap_err().to_string();
+        assert!(
+            e.ends_with(&format!("truncated: expected {} bytes, found 16", u64::MAX)),
+            "{e}"
+        );
+        // No images (and no labels) of an absurd size: an error either way.
+        std::fs::write(
+            &path,
+            idx_bytes(IMAGES_MAGIC, &[0, u32::MAX, u32::MAX], &[]),
+        )
+        .unwrap();
+        let labels = dir.path().join("train-labels-idx1-ubyte");
+        std::fs::write(&labels, idx_bytes(LABELS_MAGIC, &[0], &[])).unwrap();
+        write_small(dir.path(), "t10k", false);
+        let spec = data_tests::spec(DataFormat::Idx, dir.path());
+        assert!(data::load(&spec).is_err());
     }
 
     #[test]
@@ -397,23 +393,24 @@ mod tests {
             return;
         }
         for (train, n) in [(true, 60_000), (false, 10_000)] {
-            let split = load_idx_split(dir, train).unwrap();
+            let split = load_split(dir, train).unwrap();
             assert_eq!(split.len(), n);
-            assert_eq!(split.images.size(), [n as i64, 1, 28, 28]);
-            let (lo, hi) = (
-                split.labels.min().int64_value(&[]),
-                split.labels.max().int64_value(&[]),
-            );
+            assert_eq!(split.sample_shape(), [1, 28, 28]);
+            assert_eq!(split.num_classes(), Some(10));
+            let all: Vec<i64> = (0..n as i64).collect();
+            let (images, labels) = split.batch(&all);
+            assert_eq!(images.size(), [n as i64, 1, 28, 28]);
+            let (lo, hi) = (labels.min().int64_value(&[]), labels.max().int64_value(&[]));
             assert_eq!((lo, hi), (0, 9));
             // Balanced classes: n/10 each.
-            let counts = split.labels.bincount::<Tensor>(None, 10);
+            let counts = labels.bincount::<Tensor>(None, 10);
             assert_eq!(
                 Vec::<i64>::try_from(&counts).unwrap(),
                 vec![n as i64 / 10; 10]
             );
             let (pmin, pmax) = (
-                split.images.min().double_value(&[]),
-                split.images.max().double_value(&[]),
+                images.min().double_value(&[]),
+                images.max().double_value(&[]),
             );
             assert_eq!((pmin, pmax), (0.0, 1.0));
         }
