@@ -14,6 +14,7 @@ Models:
   bn-cnn    a CNN with BatchNorm and Dropout
   resnet    a small residual network with BatchNorm
   own-loss  an MLP whose forward(inputs, targets) returns its loss (loss = "model")
+  tabular   an MLP for feature vectors (--inputs N)
 """
 import argparse
 
@@ -88,7 +89,18 @@ class OwnLoss(nn.Module):
         return F.cross_entropy(self.body(x), y)
 
 
-MODELS = {"cnn": CNN, "bn-cnn": BnCNN, "resnet": ResNet, "own-loss": OwnLoss}
+class Tabular(nn.Module):
+    def __init__(self, inputs: int, classes: int):
+        super().__init__()
+        self.hidden = nn.Linear(inputs, 64)
+        self.norm = nn.LayerNorm(64)
+        self.out = nn.Linear(64, classes)
+
+    def forward(self, x):
+        return self.out(F.gelu(self.norm(self.hidden(x))))
+
+
+MODELS = {"cnn": CNN, "bn-cnn": BnCNN, "resnet": ResNet, "own-loss": OwnLoss, "tabular": Tabular}
 
 
 def main():
@@ -97,10 +109,16 @@ def main():
     p.add_argument("--out", default="net.pt")
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--inputs", type=int, default=20, help="tabular: features per sample")
     args = p.parse_args()
     torch.manual_seed(args.seed)
     cls = MODELS[args.model]
-    net = cls() if cls is OwnLoss else cls(args.classes)
+    if cls is OwnLoss:
+        net = cls()
+    elif cls is Tabular:
+        net = cls(args.inputs, args.classes)
+    else:
+        net = cls(args.classes)
     scripted = torch.jit.script(net)
     scripted.save(args.out)
     params = sum(p.numel() for p in net.parameters())

@@ -10,8 +10,9 @@ cd "$(dirname "$0")/.."
 source scripts/env.sh
 ensure_venv
 ensure_dataset
-# Chart text in metrics.png (a test checks charts with and without a font).
-ensure_debs fonts-dejavu-core
+# Chart text in metrics.png (a test checks charts with and without a font),
+# and English text for the transformer (examples/text-gpt.toml).
+ensure_debs fonts-dejavu-core fortunes
 echo "== build" >&2
 cargo build --release --quiet
 echo "== tests" >&2

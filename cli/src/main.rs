@@ -8,7 +8,7 @@ mod settings;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use commands::{client, health, local, plot, serve};
+use commands::{client, generate, health, local, plot, serve};
 use ringtrain_common::telemetry::{self, LogFormat};
 
 #[derive(Parser)]
@@ -46,6 +46,8 @@ enum Command {
     Cancel(client::CancelArgs),
     /// Plot a job's train loss and test accuracy against step (PNG, optional CSV).
     Plot(plot::PlotArgs),
+    /// Sample text from a checkpoint of the built-in transformer (model = "gpt").
+    Generate(generate::GenerateArgs),
     /// Check a coordinator's or worker's grpc.health.v1 status (exit 0 = SERVING).
     Health(health::HealthArgs),
     /// Run a job on a coordinator and N workers started here on loopback.
@@ -65,7 +67,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let quiet = matches!(
         cli.command,
-        Command::Bench(_) | Command::Local(_) | Command::Health(_)
+        Command::Bench(_) | Command::Local(_) | Command::Health(_) | Command::Generate(_)
     );
     telemetry::init(cli.log_format, if quiet { "warn" } else { "info" });
     let result = match cli.command {
@@ -77,6 +79,7 @@ fn main() -> ExitCode {
         Command::Cancel(a) => runtime().and_then(|rt| rt.block_on(client::cancel(a))),
         Command::Plot(a) => runtime().and_then(|rt| rt.block_on(plot::run(a))),
         Command::Health(a) => runtime().and_then(|rt| rt.block_on(health::run(a))),
+        Command::Generate(a) => generate::run(a),
         Command::Local(a) => runtime().and_then(|rt| rt.block_on(local::run(a))),
         Command::Bench(cmd) => bench::run(cmd),
     };

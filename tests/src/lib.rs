@@ -46,6 +46,99 @@ pub fn skip_without_data() -> bool {
         ))
 }
 
+/// The project's Python (`.venv`, made by scripts/env.sh), running `args`;
+/// None, after [`skip`], where it is missing. A failing script fails the test.
+pub fn python(args: &[&str]) -> Option<String> {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    if !python.is_file() {
+        skip(&format!(
+            "{} is missing (scripts/env.sh makes it)",
+            python.display()
+        ));
+        return None;
+    }
+    let o = Command::new(&python)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run python");
+    assert!(
+        o.status.success(),
+        "python {}: {}",
+        args.join(" "),
+        stderr(&o)
+    );
+    Some(stdout(&o))
+}
+
+/// `examples/export_model.py --model MODEL --out OUT EXTRA...`: a TorchScript file.
+pub fn export_model(model: &str, out: &Path, extra: &[&str]) -> Option<PathBuf> {
+    let script = examples().join("export_model.py");
+    let mut args = vec![
+        script.to_str().expect("path"),
+        "--model",
+        model,
+        "--out",
+        out.to_str().expect("path"),
+    ];
+    args.extend(extra);
+    python(&args).map(|_| out.to_path_buf())
+}
+
+/// `tests/fixtures/make_data.py ARGS`.
+pub fn fixture(args: &[&str]) -> Option<String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/make_data.py");
+    let mut all = vec![script.to_str().expect("path")];
+    all.extend(args);
+    python(&all)
+}
+
+/// `ringtrain local SPEC --workers N --json --run-dir DIR --set S...`: the
+/// final status line of a job that must succeed.
+pub fn local(spec: &str, workers: usize, run_dir: &Path, sets: &[&str]) -> serde_json::Value {
+    let o = local_output(spec, workers, run_dir, sets);
+    assert!(o.status.success(), "local failed:\n{}", stderr(&o));
+    let v = last_json(&o);
+    assert_eq!(v["state"], "succeeded", "{v}");
+    v
+}
+
+/// `ringtrain local ...` as it ran, for jobs that must fail.
+pub fn local_output(spec: &str, workers: usize, run_dir: &Path, sets: &[&str]) -> Output {
+    let workers = workers.to_string();
+    let run_dir = run_dir.to_string_lossy().into_owned();
+    let mut args = vec![
+        "local",
+        spec,
+        "--workers",
+        &workers,
+        "--json",
+        "--run-dir",
+        &run_dir,
+    ];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    run(&args)
+}
+
+/// The train losses of a finished job, by step, from its metrics.csv.
+pub fn losses(checkpoint_dir: &str) -> Vec<f64> {
+    let csv = std::fs::read_to_string(Path::new(checkpoint_dir).join("metrics.csv"))
+        .unwrap_or_else(|e| panic!("{checkpoint_dir}/metrics.csv: {e}"));
+    csv.lines()
+        .skip(1)
+        .filter_map(|l| l.split(',').nth(2)?.parse().ok())
+        .collect()
+}
+
+/// Mean of the first and of the last `n` values.
+pub fn first_and_last(values: &[f64], n: usize) -> (f64, f64) {
+    let n = n.min(values.len() / 2).max(1);
+    let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
+    (mean(&values[..n]), mean(&values[values.len() - n..]))
+}
+
 /// The examples/ directory of the repository.
 pub fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")

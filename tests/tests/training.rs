@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use ringtrain_tests::{
-    cnn_spec, last_json, mlp_spec, run, skip_without_data, stderr, wait_for, Cluster,
+    cnn_spec, last_json, local, mlp_spec, run, skip_without_data, stderr, wait_for, Cluster,
 };
 use safetensors::SafeTensors;
 
@@ -43,28 +43,6 @@ fn max_relative_difference(a: &HashMap<String, Vec<f32>>, b: &HashMap<String, Ve
             f64::from(diff / scale)
         })
         .fold(0.0, f64::max)
-}
-
-fn local(spec: &str, workers: usize, run_dir: &Path, sets: &[&str]) -> serde_json::Value {
-    let workers = workers.to_string();
-    let run_dir = run_dir.to_string_lossy().into_owned();
-    let mut args = vec![
-        "local",
-        spec,
-        "--workers",
-        &workers,
-        "--json",
-        "--run-dir",
-        &run_dir,
-    ];
-    for s in sets {
-        args.extend(["--set", s]);
-    }
-    let o = run(&args);
-    assert!(o.status.success(), "local failed:\n{}", stderr(&o));
-    let v = last_json(&o);
-    assert_eq!(v["state"], "succeeded", "{v}");
-    v
 }
 
 /// lr 0.01: at the demo's lr 0.05 with momentum 0.9 the first steps are so

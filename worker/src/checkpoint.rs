@@ -45,6 +45,9 @@ pub struct CheckpointMeta {
     /// [`param_hash`] of the optimizer state, in its file's order (0 when none).
     #[serde(default)]
     pub optimizer_hash: u64,
+    /// The job's spec (TOML): what rebuilds the model (`ringtrain generate`).
+    #[serde(default)]
+    pub spec: String,
 }
 
 /// Why a checkpoint (or a weights file) could not be written or read. Each
@@ -297,6 +300,15 @@ pub fn save(
     Ok(dir.to_owned())
 }
 
+/// Only the metadata of the checkpoint in `dir`.
+pub fn read_meta(dir: &Path) -> Result<CheckpointMeta, CheckpointError> {
+    let bytes = read(dir, META_FILE)?;
+    serde_json::from_slice(&bytes).map_err(|source| CheckpointError::Json {
+        path: dir.join(META_FILE),
+        source,
+    })
+}
+
 /// Reads the checkpoint in `dir` for a model whose trained parameters are
 /// `layout`, with optimizer state of the `optimizer_states` names.
 pub fn load(
@@ -431,6 +443,7 @@ mod tests {
             num_params: 0,
             param_hash: 0,
             optimizer_hash: 0,
+            spec: String::new(),
         }
     }
 

@@ -12,6 +12,7 @@ pub mod agent;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod generate;
 pub mod model;
 pub mod model_files;
 pub mod optim;

@@ -1,4 +1,5 @@
 pub mod client;
+pub mod generate;
 pub mod health;
 pub mod local;
 pub mod plot;

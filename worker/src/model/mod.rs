@@ -141,6 +141,8 @@ pub fn under(name: &str, prefix: &str) -> bool {
 enum Net {
     /// A tch network over the VarStore the model owns.
     Builtin(Box<dyn ModuleT + Send>),
+    /// The built-in transformer (kept as itself: `generate` samples from it).
+    Gpt(Box<Gpt>),
     Script(ScriptModule),
 }
 
@@ -231,7 +233,7 @@ impl Model {
             ModelSource::Builtin(kind) => {
                 let vs = nn::VarStore::new(device);
                 let net = builtin_net(*kind, &vs.root(), spec, shape)?;
-                (Net::Builtin(net), Some(vs), kind.to_string())
+                (net, Some(vs), kind.to_string())
             }
             source => {
                 let bytes = script.ok_or_else(|| ModelError::NotScript {
@@ -247,13 +249,13 @@ impl Model {
             }
         };
         let (mut named_params, buffers) = match (&net, &vs) {
-            (Net::Builtin(_), Some(vs)) => {
+            (Net::Script(m), _) => (m.named_parameters()?, m.named_buffers()?),
+            (_, Some(vs)) => {
                 let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
                 named.sort_by(|a, b| a.0.cmp(&b.0));
                 (named, Vec::new())
             }
-            (Net::Script(m), _) => (m.named_parameters()?, m.named_buffers()?),
-            (Net::Builtin(_), None) => unreachable!("built-in networks own a VarStore"),
+            (_, None) => unreachable!("built-in networks own a VarStore"),
         };
         for (name, t) in &named_params {
             if t.kind() != Kind::Float {
@@ -390,6 +392,14 @@ impl Model {
         Ok(())
     }
 
+    /// The built-in transformer, for sampling.
+    pub fn gpt(&self) -> Option<&Gpt> {
+        match &self.net {
+            Net::Gpt(g) => Some(g),
+            _ => None,
+        }
+    }
+
     pub fn description(&self) -> &str {
         &self.description
     }
@@ -426,6 +436,7 @@ impl Model {
     fn output(&self, x: &Tensor, y: &Tensor, train: bool) -> Result<Tensor, ModelError> {
         match &self.net {
             Net::Builtin(net) => Ok(net.forward_t(x, train)),
+            Net::Gpt(net) => Ok(net.forward_t(x, train)),
             Net::Script(m) => {
                 let out = match self.loss {
                     LossKind::CrossEntropy => m.forward(&[x]),
@@ -832,7 +843,7 @@ fn builtin_net(
     root: &nn::Path,
     spec: &JobSpec,
     shape: &DataShape,
-) -> Result<Box<dyn ModuleT + Send>, ModelError> {
+) -> Result<Net, ModelError> {
     let classes = || {
         shape.classes.ok_or_else(|| {
             ModelError::Data(format!(
@@ -843,7 +854,7 @@ fn builtin_net(
     Ok(match kind {
         ModelKind::Mlp => {
             let inputs = shape.sample.iter().product::<i64>();
-            Box::new(builtin::Mlp::new(root, inputs, classes()?))
+            Net::Builtin(Box::new(builtin::Mlp::new(root, inputs, classes()?)))
         }
         ModelKind::Cnn => {
             let [c, h, w] = shape.sample[..] else {
@@ -852,7 +863,7 @@ fn builtin_net(
                     shape.sample
                 )));
             };
-            Box::new(builtin::Cnn::new(root, c, h, w, classes()?))
+            Net::Builtin(Box::new(builtin::Cnn::new(root, c, h, w, classes()?)))
         }
         ModelKind::Gpt => {
             let m = &spec.model_config;
@@ -868,7 +879,7 @@ fn builtin_net(
                 dim: m.dim as i64,
                 context: context as i64,
             };
-            Box::new(Gpt::new(root, &cfg))
+            Net::Gpt(Box::new(Gpt::new(root, &cfg)))
         }
     })
 }

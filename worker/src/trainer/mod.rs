@@ -635,6 +635,7 @@ impl Trainer<'_> {
             num_params: st.params.len(),
             param_hash: checkpoint::param_hash(&st.params),
             optimizer_hash: 0,
+            spec: a.spec.to_toml(),
         };
         let optimizer = st.optimizer.state();
         let dir = checkpoint::save(
