@@ -189,6 +189,7 @@ fn unigram_entropy(text: &[u8]) -> f64 {
 #[test]
 fn the_transformer_learns_english_below_its_unigram_entropy() {
     let corpus = Path::new("/usr/share/games/fortunes/fortunes");
+    let data = format!("dataset.path={}", corpus.display());
     if !corpus.is_file() && skip("Debian's fortunes is not installed (scripts/test.sh installs it)")
     {
         return;
@@ -200,6 +201,7 @@ fn the_transformer_learns_english_below_its_unigram_entropy() {
         2,
         &dir.path().join("run"),
         &[
+            &data,
             "max_steps=150",
             "model_config.layers=2",
             "model_config.dim=64",

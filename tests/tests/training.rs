@@ -100,29 +100,59 @@ fn resuming_from_a_checkpoint_continues_exactly() {
     if skip_without_data() {
         return;
     }
-    let dir = tempfile::tempdir().expect("tempdir");
     let spec = mlp_spec();
-    let straight = local(&spec, 2, &dir.path().join("straight"), &["max_steps=30"]);
-    let first = local(&spec, 2, &dir.path().join("first"), &["max_steps=12"]);
-    let ckpt = first["checkpoint_dir"].as_str().expect("dir").to_string();
-    let run_dir = dir.path().join("second").to_string_lossy().into_owned();
-    let o = run(&[
-        "local",
-        &spec,
-        "--json",
-        "--run-dir",
-        &run_dir,
-        "--set",
-        "max_steps=30",
-        "--resume",
-        &ckpt,
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let resumed = last_json(&o);
-    assert_eq!(resumed["steps"], 30);
-    let a = load_params(Path::new(straight["checkpoint_dir"].as_str().expect("dir")));
-    let b = load_params(Path::new(resumed["checkpoint_dir"].as_str().expect("dir")));
-    assert_eq!(max_relative_difference(&a, &b), 0.0, "resume is bit-exact");
+    // SGD with momentum; AdamW (its moments checkpointed) with a warm-up and
+    // step schedule (the learning rate follows the version) and clipping.
+    let adamw = [
+        "optimizer.kind=adamw",
+        "optimizer.momentum=0",
+        "optimizer.lr=0.001",
+        "optimizer.clip_grad_norm=1.0",
+        "schedule.kind=step",
+        "schedule.step_size=5",
+        "schedule.gamma=0.5",
+        "schedule.warmup_steps=3",
+    ];
+    for extra in [&[][..], &adamw[..]] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let with = |steps: &str| {
+            let mut sets = vec![steps];
+            sets.extend(extra);
+            sets
+        };
+        let straight = local(
+            &spec,
+            2,
+            &dir.path().join("straight"),
+            &with("max_steps=30"),
+        );
+        let first = local(&spec, 2, &dir.path().join("first"), &with("max_steps=12"));
+        let ckpt = first["checkpoint_dir"].as_str().expect("dir").to_string();
+        let run_dir = dir.path().join("second").to_string_lossy().into_owned();
+        let mut args = vec![
+            "local",
+            &spec,
+            "--json",
+            "--run-dir",
+            &run_dir,
+            "--resume",
+            &ckpt,
+        ];
+        for s in with("max_steps=30") {
+            args.extend(["--set", s]);
+        }
+        let o = run(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let resumed = last_json(&o);
+        assert_eq!(resumed["steps"], 30);
+        let a = load_params(Path::new(straight["checkpoint_dir"].as_str().expect("dir")));
+        let b = load_params(Path::new(resumed["checkpoint_dir"].as_str().expect("dir")));
+        assert_eq!(
+            max_relative_difference(&a, &b),
+            0.0,
+            "resume is bit-exact with {extra:?}"
+        );
+    }
 }
 
 #[test]

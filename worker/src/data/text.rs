@@ -89,8 +89,10 @@ fn too_short(path: &Path, bytes: usize, context: usize) -> DataError {
     }
 }
 
-/// The bytes of a file, or of the regular files directly in a directory
-/// (sorted by name, concatenated). Empty is an error.
+/// The bytes of a file, or of the text files directly in a directory
+/// (sorted by name, concatenated): each file once, however many links name
+/// it, and files holding a NUL byte (binary, such as fortune's .dat
+/// indexes) left out. Empty is an error.
 fn read_corpus(path: &Path) -> Result<Vec<u8>, DataError> {
     let io = |path: &Path| {
         let path = path.to_owned();
@@ -112,9 +114,17 @@ fn read_corpus(path: &Path) -> Result<Vec<u8>, DataError> {
             }
         }
         files.sort();
+        let mut seen = std::collections::HashSet::new();
         let mut corpus = Vec::new();
         for file in &files {
-            corpus.extend(read_file(file)?);
+            let real = std::fs::canonicalize(file).map_err(io(file))?;
+            if !seen.insert(real) {
+                continue;
+            }
+            let bytes = read_file(file)?;
+            if !bytes.contains(&0) {
+                corpus.extend(bytes);
+            }
         }
         corpus
     } else {
@@ -263,6 +273,9 @@ mod tests {
         std::fs::write(corpus.join("a.txt"), "hello ").unwrap();
         std::fs::create_dir(corpus.join("c")).unwrap();
         std::fs::write(corpus.join("c").join("deeper.txt"), "NOT READ").unwrap();
+        // Binary files and second names of a file are left out.
+        std::fs::write(corpus.join("a.dat"), b"\x00\x01index").unwrap();
+        std::os::unix::fs::symlink(corpus.join("b.txt"), corpus.join("b.u8")).unwrap();
         let test = dir.path().join("test");
         std::fs::create_dir(&test).unwrap();
         std::fs::write(test.join("2"), "89").unwrap();
