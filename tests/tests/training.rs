@@ -115,8 +115,8 @@ fn resuming_from_a_checkpoint_continues_exactly() {
     ];
     for extra in [&[][..], &adamw[..]] {
         let dir = tempfile::tempdir().expect("tempdir");
-        let with = |steps: &str| {
-            let mut sets = vec![steps];
+        let with = |steps: &'static str| {
+            let mut sets: Vec<&'static str> = vec![steps];
             sets.extend(extra);
             sets
         };

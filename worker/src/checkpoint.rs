@@ -20,11 +20,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use ringtrain_common::data_plan::ShardCursor;
 use ringtrain_common::ParamVersion;
 use safetensors::tensor::TensorView;
-use safetensors::{Dtype, SafeTensorError, SafeTensors};
+use safetensors::{SafeTensorError, SafeTensors};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::model::{tensor_bytes, ParamLayout};
+use crate::tensors::{dtype_of, kind_of};
 
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -92,38 +93,6 @@ pub fn param_hash(params: &[f32]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(bytemuck::cast_slice(params))
 }
 
-fn dtype_of(kind: Kind) -> Option<Dtype> {
-    Some(match kind {
-        Kind::Float => Dtype::F32,
-        Kind::Double => Dtype::F64,
-        Kind::Half => Dtype::F16,
-        Kind::BFloat16 => Dtype::BF16,
-        Kind::Int64 => Dtype::I64,
-        Kind::Int => Dtype::I32,
-        Kind::Int16 => Dtype::I16,
-        Kind::Int8 => Dtype::I8,
-        Kind::Uint8 => Dtype::U8,
-        Kind::Bool => Dtype::BOOL,
-        _ => return None,
-    })
-}
-
-fn kind_of(dtype: Dtype) -> Option<Kind> {
-    Some(match dtype {
-        Dtype::F32 => Kind::Float,
-        Dtype::F64 => Kind::Double,
-        Dtype::F16 => Kind::Half,
-        Dtype::BF16 => Kind::BFloat16,
-        Dtype::I64 => Kind::Int64,
-        Dtype::I32 => Kind::Int,
-        Dtype::I16 => Kind::Int16,
-        Dtype::I8 => Kind::Int8,
-        Dtype::U8 => Kind::Uint8,
-        Dtype::BOOL => Kind::Bool,
-        _ => return None,
-    })
-}
-
 /// Serializes named tensors (any dtype safetensors has) to safetensors bytes.
 fn serialize(path: &Path, tensors: &[(String, Tensor)]) -> Result<Vec<u8>, CheckpointError> {
     let mut bytes = Vec::with_capacity(tensors.len());
@@ -177,7 +146,14 @@ fn decode(path: &Path, bytes: &[u8]) -> Result<HashMap<String, Tensor>, Checkpoi
             problem: format!("dtype {:?} is not supported", view.dtype()),
         })?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        out.insert(name, Tensor::from_data_size(view.data(), &shape, kind));
+        let t = crate::tensors::from_bytes(view.data(), &shape, kind).map_err(|problem| {
+            CheckpointError::Tensor {
+                path: path.to_owned(),
+                name: name.clone(),
+                problem,
+            }
+        })?;
+        out.insert(name, t);
     }
     Ok(out)
 }
@@ -420,6 +396,8 @@ fn atomic_write(dir: &Path, file: &str, bytes: &[u8]) -> Result<(), CheckpointEr
 
 #[cfg(test)]
 mod tests {
+    use safetensors::Dtype;
+
     use super::*;
 
     fn layout() -> ParamLayout {

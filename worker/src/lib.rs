@@ -19,6 +19,7 @@ pub mod optim;
 pub mod ring;
 pub mod service;
 pub mod sync;
+pub mod tensors;
 pub mod trainer;
 
 /// The message of a panic that ended a blocking task: libtorch's errors

@@ -13,6 +13,7 @@ mod idx;
 mod tensors;
 mod text;
 
+use crate::tensors::from_bytes as tensor_from_bytes;
 use std::path::{Path, PathBuf};
 
 use ringtrain_common::jobspec::{DataFormat, DatasetSpec};
@@ -388,23 +389,6 @@ fn describe(kind: Kind, shape: &[i64]) -> String {
     format!("{kind:?} {shape:?}")
 }
 
-/// A tensor of `shape` and `kind` holding `bytes` (little-endian, packed).
-/// Checks the length first: libtorch copies `numel × element size` bytes
-/// without looking.
-fn tensor_from_bytes(bytes: &[u8], shape: &[i64], kind: Kind) -> Result<Tensor, String> {
-    let numel = shape.iter().try_fold(1usize, |acc, &d| {
-        usize::try_from(d).ok().and_then(|d| acc.checked_mul(d))
-    });
-    let want = numel.and_then(|n| n.checked_mul(kind.elt_size_in_bytes()));
-    if want != Some(bytes.len()) {
-        return Err(format!(
-            "{} bytes do not make a {kind:?} tensor of shape {shape:?}",
-            bytes.len()
-        ));
-    }
-    Tensor::f_from_data_size(bytes, shape, kind).map_err(|e| e.to_string())
-}
-
 /// Reads a whole file; a missing one is [`DataError::Missing`].
 fn read_file(path: &Path) -> Result<Vec<u8>, DataError> {
     std::fs::read(path).map_err(|source| {
@@ -555,18 +539,6 @@ pub(crate) mod tests {
     fn batch_refuses_indices_past_the_end() {
         let split = labelled(&[0, 1, 2]).first(3);
         let _ = split.batch(&[0, 3]);
-    }
-
-    #[test]
-    fn tensor_from_bytes_checks_the_length() {
-        let t = tensor_from_bytes(&[1, 0, 2, 0], &[2], Kind::Int16).unwrap();
-        assert_eq!(ints(&t), [1, 2]);
-        let e = tensor_from_bytes(&[1, 0, 2], &[2], Kind::Int16).unwrap_err();
-        assert_eq!(e, "3 bytes do not make a Int16 tensor of shape [2]");
-        assert!(tensor_from_bytes(&[], &[-1], Kind::Uint8).is_err());
-        // No elements but absurd strides: torch's answer, whatever it is, is
-        // not a panic.
-        let _ = tensor_from_bytes(&[], &[0, i64::MAX, 4], Kind::Uint8);
     }
 
     #[test]

@@ -7,10 +7,11 @@
 
 use std::path::Path;
 
-use safetensors::{Dtype, SafeTensors};
+use safetensors::SafeTensors;
 use tch::{Kind, Tensor};
 
 use super::{describe, read_file, tensor_from_bytes, DataError, Dataset, Split};
+use crate::tensors::kind_of;
 
 /// The dtypes a data file may store, for messages.
 pub(super) const SUPPORTED: &str = "F32, F16, BF16, F64, I64, I32, I16, I8, U8, BOOL";
@@ -116,26 +117,11 @@ fn read_tensor(st: &SafeTensors, path: &Path, name: &'static str) -> Result<Tens
     })
 }
 
-fn kind_of(dtype: Dtype) -> Option<Kind> {
-    Some(match dtype {
-        Dtype::F32 => Kind::Float,
-        Dtype::F16 => Kind::Half,
-        Dtype::BF16 => Kind::BFloat16,
-        Dtype::F64 => Kind::Double,
-        Dtype::I64 => Kind::Int64,
-        Dtype::I32 => Kind::Int,
-        Dtype::I16 => Kind::Int16,
-        Dtype::I8 => Kind::Int8,
-        Dtype::U8 => Kind::Uint8,
-        Dtype::BOOL => Kind::Bool,
-        _ => return None,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use ringtrain_common::jobspec::DataFormat;
     use safetensors::tensor::TensorView;
+    use safetensors::Dtype;
 
     use super::*;
     use crate::data::tests::{floats, ints, spec};
