@@ -45,7 +45,10 @@ pub fn load<T: Serialize + DeserializeOwned + Default>(
     builder = builder.add_source(
         config::Environment::with_prefix("RINGTRAIN")
             .source(Some(env))
-            .try_parsing(true),
+            .try_parsing(true)
+            // RINGTRAIN_DATA_ROOTS=/a:/b, as PATH is written.
+            .list_separator(":")
+            .with_list_parse_key("data_roots"),
     );
     for (key, value) in flags {
         if let Some(v) = value {

@@ -447,7 +447,7 @@ pub enum SpecError {
     Parse(String),
     #[error("job spec: {key} {problem}")]
     Invalid { key: &'static str, problem: String },
-    #[error("--set {0}: expected KEY=VALUE")]
+    #[error("--set {}: expected KEY=VALUE", crate::quote(.0))]
     BadOverride(String),
 }
 
@@ -498,6 +498,7 @@ impl JobSpec {
     }
 
     pub fn validate(&self) -> Result<(), SpecError> {
+        self.validate_bounds()?;
         if self.name.trim().is_empty() {
             return Err(invalid("name", "must not be empty"));
         }
@@ -532,19 +533,19 @@ impl JobSpec {
         if !(o.lr.is_finite() && o.lr > 0.0) {
             return Err(invalid(
                 "optimizer.lr",
-                format!("must be a positive number (got {})", o.lr),
+                format!("must be a positive number (got {})", short(o.lr)),
             ));
         }
         if !(0.0..1.0).contains(&o.momentum) {
             return Err(invalid(
                 "optimizer.momentum",
-                format!("must be in [0, 1) (got {})", o.momentum),
+                format!("must be in [0, 1) (got {})", short(o.momentum)),
             ));
         }
         if !(o.weight_decay().is_finite() && o.weight_decay() >= 0.0) {
             return Err(invalid(
                 "optimizer.weight_decay",
-                format!("must be >= 0 (got {})", o.weight_decay()),
+                format!("must be >= 0 (got {})", short(o.weight_decay())),
             ));
         }
         if self.epochs == 0 && self.max_steps == 0 {
@@ -563,7 +564,165 @@ impl JobSpec {
     }
 }
 
+/// Upper bounds on what a spec may ask of the cluster, so a submission
+/// cannot make a worker allocate, loop or wait without end. Generous for
+/// real jobs; a cluster narrows `workers` further by its own `max_workers`.
+pub mod limits {
+    /// Characters in a job's name.
+    pub const NAME_CHARS: usize = 128;
+    /// Bytes in any path of a spec (Linux's PATH_MAX).
+    pub const PATH_BYTES: usize = 4096;
+    pub const WORKERS: usize = 1024;
+    pub const THREADS: usize = 256;
+    pub const RING_TIMEOUT_S: f64 = 3600.0;
+    pub const BATCH_SIZE: usize = 1 << 16;
+    pub const ACCUMULATE: usize = 1 << 12;
+    pub const EPOCHS: u64 = 100_000;
+    pub const STEPS: u64 = 1_000_000_000;
+    /// Bytes of context per text sample, and the transformer's sequence.
+    pub const CONTEXT: usize = 1 << 16;
+    pub const LAYERS: usize = 256;
+    pub const HEADS: usize = 256;
+    pub const DIM: usize = 1 << 14;
+    /// Parameters of the built-in transformer (about 12·layers·dim²): 4 G
+    /// f32s is 16 GB per replica, before the optimizer's state.
+    pub const GPT_PARAMS: u64 = 4 << 30;
+    /// Entries in `freeze`, `reinit` and `dataset.classes`.
+    pub const LIST_ENTRIES: usize = 4096;
+    /// Characters of one `freeze` or `reinit` prefix.
+    pub const PREFIX_CHARS: usize = 256;
+}
+
+/// A number as an error message quotes it: 1e300, not 301 digits.
+fn short(x: f64) -> String {
+    if x != 0.0 && !(1e-4..1e9).contains(&x.abs()) {
+        format!("{x:e}")
+    } else {
+        format!("{x}")
+    }
+}
+
+fn at_most<T: PartialOrd + std::fmt::Display>(
+    key: &'static str,
+    value: T,
+    limit: T,
+) -> Result<(), SpecError> {
+    if value > limit {
+        return Err(invalid(
+            key,
+            format!("must be at most {limit} (got {value})"),
+        ));
+    }
+    Ok(())
+}
+
 impl JobSpec {
+    /// Upper bounds (see [`limits`]); errors name the key and the limit and
+    /// never echo a long value.
+    fn validate_bounds(&self) -> Result<(), SpecError> {
+        let name_chars = self.name.chars().count();
+        if name_chars > limits::NAME_CHARS {
+            return Err(invalid(
+                "name",
+                format!(
+                    "must be at most {} characters (got {name_chars}: '{}')",
+                    limits::NAME_CHARS,
+                    crate::quote(&self.name)
+                ),
+            ));
+        }
+        let model_path = match &self.model {
+            ModelSource::ScriptFile(p) => p.as_str(),
+            _ => "",
+        };
+        for (key, path) in [
+            ("dataset.path", self.dataset.path.as_str()),
+            ("dataset.test_path", self.dataset.test_path.as_str()),
+            ("checkpoint.dir", self.checkpoint.dir.as_str()),
+            ("init_from", self.init_from.as_str()),
+            ("model", model_path),
+        ] {
+            if path.len() > limits::PATH_BYTES {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "must be at most {} bytes (got {}: '{}')",
+                        limits::PATH_BYTES,
+                        path.len(),
+                        crate::quote(path)
+                    ),
+                ));
+            }
+        }
+        at_most("workers", self.workers, limits::WORKERS)?;
+        at_most("max_workers", self.max_workers, limits::WORKERS)?;
+        at_most("threads", self.threads, limits::THREADS)?;
+        // NaN compares false: the positivity check below refuses it.
+        if self.ring.timeout_s > limits::RING_TIMEOUT_S {
+            return Err(invalid(
+                "ring.timeout_s",
+                format!(
+                    "must be at most {} seconds (got {})",
+                    limits::RING_TIMEOUT_S,
+                    short(self.ring.timeout_s)
+                ),
+            ));
+        }
+        at_most("batch_size", self.batch_size, limits::BATCH_SIZE)?;
+        at_most("accumulate", self.accumulate, limits::ACCUMULATE)?;
+        at_most("epochs", self.epochs, limits::EPOCHS)?;
+        at_most("max_steps", self.max_steps, limits::STEPS)?;
+        at_most(
+            "schedule.warmup_steps",
+            self.schedule.warmup_steps,
+            limits::STEPS,
+        )?;
+        at_most("dataset.context", self.dataset.context, limits::CONTEXT)?;
+        let m = &self.model_config;
+        at_most("model_config.layers", m.layers, limits::LAYERS)?;
+        at_most("model_config.heads", m.heads, limits::HEADS)?;
+        at_most("model_config.dim", m.dim, limits::DIM)?;
+        at_most("model_config.context", m.context, limits::CONTEXT)?;
+        let gpt_params = 12 * m.layers as u64 * (m.dim as u64).pow(2);
+        if self.model.builtin() == Some(ModelKind::Gpt) && gpt_params > limits::GPT_PARAMS {
+            return Err(invalid(
+                "model_config",
+                format!(
+                    "asks for about {gpt_params} parameters (12 x layers x dim^2), at most {}",
+                    limits::GPT_PARAMS
+                ),
+            ));
+        }
+        for (key, list) in [("freeze", &self.freeze), ("reinit", &self.reinit)] {
+            at_most(key, list.len(), limits::LIST_ENTRIES).map_err(|_| {
+                invalid(
+                    key,
+                    format!("must have at most {} entries", limits::LIST_ENTRIES),
+                )
+            })?;
+            if let Some(p) = list
+                .iter()
+                .find(|p| p.chars().count() > limits::PREFIX_CHARS)
+            {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "prefixes must be at most {} characters (got '{}')",
+                        limits::PREFIX_CHARS,
+                        crate::quote(p)
+                    ),
+                ));
+            }
+        }
+        if self.dataset.classes.len() > limits::LIST_ENTRIES {
+            return Err(invalid(
+                "dataset.classes",
+                format!("must have at most {} entries", limits::LIST_ENTRIES),
+            ));
+        }
+        Ok(())
+    }
+
     /// The checks of what a job trains with: model, data, optimizer, schedule.
     fn validate_training(&self) -> Result<(), SpecError> {
         let d = &self.dataset;
@@ -582,7 +741,7 @@ impl JobSpec {
         if !(d.test_fraction > 0.0 && d.test_fraction < 1.0) {
             return Err(invalid(
                 "dataset.test_fraction",
-                format!("must be in (0, 1) (got {})", d.test_fraction),
+                format!("must be in (0, 1) (got {})", short(d.test_fraction)),
             ));
         }
         if let Some(c) = d.classes.iter().find(|&&c| c < 0) {
@@ -631,7 +790,7 @@ impl JobSpec {
             if let Some(p) = prefixes.iter().find(|p| p.is_empty()) {
                 return Err(invalid(
                     key,
-                    format!("{p:?}: an empty prefix would match every parameter"),
+                    format!("\"{p}\": an empty prefix would match every parameter"),
                 ));
             }
         }
@@ -652,13 +811,13 @@ impl JobSpec {
                 if let Some(b) = o.betas.iter().find(|b| !(0.0..1.0).contains(*b)) {
                     return Err(invalid(
                         "optimizer.betas",
-                        format!("must be in [0, 1) (got {b})"),
+                        format!("must be in [0, 1) (got {})", short(*b)),
                     ));
                 }
                 if !(o.eps.is_finite() && o.eps > 0.0) {
                     return Err(invalid(
                         "optimizer.eps",
-                        format!("must be a positive number (got {})", o.eps),
+                        format!("must be a positive number (got {})", short(o.eps)),
                     ));
                 }
             }
@@ -666,7 +825,7 @@ impl JobSpec {
         if !(o.clip_grad_norm.is_finite() && o.clip_grad_norm >= 0.0) {
             return Err(invalid(
                 "optimizer.clip_grad_norm",
-                format!("must be >= 0 (got {})", o.clip_grad_norm),
+                format!("must be >= 0 (got {})", short(o.clip_grad_norm)),
             ));
         }
         let s = &self.schedule;
@@ -679,13 +838,13 @@ impl JobSpec {
         if !(s.gamma.is_finite() && s.gamma >= 0.0) {
             return Err(invalid(
                 "schedule.gamma",
-                format!("must be >= 0 (got {})", s.gamma),
+                format!("must be >= 0 (got {})", short(s.gamma)),
             ));
         }
         if !(s.min_lr.is_finite() && s.min_lr >= 0.0 && s.min_lr <= o.lr) {
             return Err(invalid(
                 "schedule.min_lr",
-                format!("must be in [0, optimizer.lr] (got {})", s.min_lr),
+                format!("must be in [0, optimizer.lr] (got {})", short(s.min_lr)),
             ));
         }
         Ok(())
@@ -694,7 +853,7 @@ impl JobSpec {
 
 /// toml errors span several lines (with a source excerpt); keep the message one line.
 fn one_line(e: &toml::de::Error) -> String {
-    let msg = e.message().trim().to_string();
+    let msg = crate::quote_message(&e.message().trim().replace('\n', " "));
     match e.span() {
         Some(span) => format!("{msg} (at byte {})", span.start),
         None => msg,
@@ -703,7 +862,7 @@ fn one_line(e: &toml::de::Error) -> String {
 
 /// Prefixes a deserialization error with the dotted key at its span.
 fn with_key(text: &str, e: &toml::de::Error) -> String {
-    let msg = e.message().trim().replace('\n', " ");
+    let msg = crate::quote_message(&e.message().trim().replace('\n', " "));
     let Some(span) = e.span() else { return msg };
     let mut table = String::new();
     let mut offset = 0;
@@ -711,12 +870,12 @@ fn with_key(text: &str, e: &toml::de::Error) -> String {
         let end = offset + line.len() + 1;
         let t = line.trim();
         if t.starts_with('[') {
-            table = t.trim_matches(|c| c == '[' || c == ']').to_string();
+            table = crate::quote(t.trim_matches(|c| c == '[' || c == ']')).into_owned();
         }
         if span.start < end {
             return match t.split_once('=') {
-                Some((k, _)) if table.is_empty() => format!("{}: {msg}", k.trim()),
-                Some((k, _)) => format!("{table}.{}: {msg}", k.trim()),
+                Some((k, _)) if table.is_empty() => format!("{}: {msg}", crate::quote(k.trim())),
+                Some((k, _)) => format!("{table}.{}: {msg}", crate::quote(k.trim())),
                 None if !table.is_empty() => format!("{table}: {msg}"),
                 None => msg,
             };
@@ -898,5 +1057,68 @@ momentum = 0.9
         assert!(err(&["model=gpt"]).contains("gpt trains on text"));
         assert!(err(&["freeze=[\"\"]"]).contains("freeze"));
         assert!(err(&["accumulate=0"]).contains("accumulate must be at least 1"));
+    }
+
+    #[test]
+    fn values_past_their_bounds_are_refused_naming_key_and_limit() {
+        let err = |sets: &[String]| JobSpec::parse(EXAMPLE, sets).unwrap_err().to_string();
+        let e = err(&["ring.timeout_s=1e300".into()]);
+        assert_eq!(
+            e,
+            "job spec: ring.timeout_s must be at most 3600 seconds (got 1e300)"
+        );
+        assert!(err(&["ring.timeout_s=nan".into()]).contains("ring.timeout_s"));
+        assert_eq!(
+            err(&["threads=2147483648".into()]),
+            "job spec: threads must be at most 256 (got 2147483648)"
+        );
+        assert!(err(&["workers=100000".into()]).contains("workers must be at most 1024"));
+        assert!(err(&["batch_size=10000000".into()]).contains("batch_size must be at most"));
+        assert!(err(&["epochs=1000000000".into()]).contains("epochs must be at most"));
+        assert!(err(&["max_steps=99999999999".into()]).contains("max_steps must be at most"));
+        let gpt = [
+            "model=gpt".to_string(),
+            "dataset.format=text".into(),
+            "dataset.context=64".into(),
+            "model_config.dim=16384".into(),
+            "model_config.heads=128".into(),
+            "model_config.layers=256".into(),
+        ];
+        assert!(
+            err(&gpt).contains("model_config asks for about"),
+            "{}",
+            err(&gpt)
+        );
+        // A long name is refused, and quoted short.
+        let e = err(&[format!("name={}", "n".repeat(900_000))]);
+        assert!(
+            e.contains("name must be at most 128 characters (got 900000"),
+            "{}",
+            &e[..200]
+        );
+        assert!(e.len() < 300, "{}", e.len());
+        let e = err(&[format!("dataset.path=/{}", "p".repeat(100_000))]);
+        assert!(
+            e.contains("dataset.path must be at most 4096 bytes"),
+            "{}",
+            &e[..200]
+        );
+        assert!(e.len() < 300, "{}", e.len());
+        // An unknown key of 100 KB is named, not echoed whole.
+        let e = JobSpec::parse(&format!("{} = 1\n{EXAMPLE}", "k".repeat(100_000)), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown field `kkk"),
+            "{}",
+            &e[..200.min(e.len())]
+        );
+        assert!(e.len() < 600, "{}", e.len());
+        // At the limit is fine.
+        JobSpec::parse(
+            EXAMPLE,
+            &["threads=256".into(), "ring.timeout_s=3600".into()],
+        )
+        .unwrap();
     }
 }

@@ -19,6 +19,10 @@ pub struct ClusterOptions {
     pub listen_ip: String,
     /// The host workers advertise to their ring neighbours.
     pub advertise: String,
+    /// The coordinator's data roots (empty: its defaults).
+    pub data_roots: Vec<PathBuf>,
+    /// The coordinator's checkpoint root (None: its data dir).
+    pub checkpoint_root: Option<PathBuf>,
 }
 
 impl ClusterOptions {
@@ -28,6 +32,8 @@ impl ClusterOptions {
             program,
             listen_ip: "127.0.0.1".into(),
             advertise: "127.0.0.1".into(),
+            data_roots: Vec::new(),
+            checkpoint_root: None,
         }
     }
 }
@@ -75,20 +81,25 @@ impl LocalCluster {
     fn start_coordinator(&mut self, listen: &str) -> Result<(), ProcessError> {
         let data = text(&self.data_dir);
         let program = self.options.program.clone();
-        self.procs.spawn(
+        let mut args: Vec<String> = [
             "coordinator",
-            &[],
-            &program,
-            &[
-                "coordinator",
-                "--listen",
-                listen,
-                "--metrics-listen",
-                "127.0.0.1:0",
-                "--data-dir",
-                &data,
-            ],
-        )?;
+            "--listen",
+            listen,
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data,
+        ]
+        .map(String::from)
+        .to_vec();
+        for root in &self.options.data_roots {
+            args.extend(["--data-root".to_string(), text(root)]);
+        }
+        if let Some(root) = &self.options.checkpoint_root {
+            args.extend(["--checkpoint-root".to_string(), text(root)]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.procs.spawn("coordinator", &[], &program, &args)?;
         let ready = self.procs.wait_ready("coordinator", READY_TIMEOUT)?;
         let port = ready["grpc"]
             .as_str()

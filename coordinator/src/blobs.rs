@@ -62,6 +62,40 @@ impl BlobStore {
         self.dir.join(format!("{}.pt", hex(id)))
     }
 
+    /// Deletes the models no job in `in_use` (`sha256:HEX` ids) names,
+    /// except those stored within `grace` (uploaded for a submission that
+    /// is still on its way). Blocking; returns how many went.
+    pub fn collect_garbage(
+        &self,
+        in_use: &std::collections::HashSet<String>,
+        grace: std::time::Duration,
+    ) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(hex) = name.strip_suffix(".pt") else {
+                continue;
+            };
+            let young = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_none_or(|age| age < grace);
+            if young || in_use.contains(&format!("sha256:{hex}")) {
+                continue;
+            }
+            if std::fs::remove_file(entry.path()).is_ok() {
+                tracing::info!(model = %format!("sha256:{hex}"), "uploaded model deleted: no remembered job names it");
+                removed += 1;
+            }
+        }
+        removed
+    }
+
     pub async fn contains(&self, id: &BlobId) -> bool {
         tokio::fs::metadata(self.path(id)).await.is_ok()
     }

@@ -18,6 +18,7 @@
 
 pub mod blobs;
 pub mod config;
+pub mod confine;
 pub mod convert;
 pub mod metrics;
 pub mod models;

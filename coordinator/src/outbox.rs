@@ -38,8 +38,18 @@ impl Outbox {
     /// writes, for the caller to await before it answers.
     pub fn publish(&mut self, fx: Effects, sinks: &Sinks) -> Vec<Durable> {
         let mut durable = Vec::new();
+        let mut counters = None;
         for op in fx.persist {
+            counters = Some(op.counters);
             durable.extend(sinks.store.write(op.record, op.counters, op.durable));
+        }
+        for id in &fx.forgotten {
+            self.watchers.remove(id);
+        }
+        // The state sends its counters along with what it forgets.
+        if let (false, Some(counters)) = (fx.forgotten.is_empty(), counters) {
+            let ids = fx.forgotten.iter().map(|id| id.0).collect();
+            sinks.store.forget(ids, counters);
         }
         for event in fx.events {
             let id = event.job.id;

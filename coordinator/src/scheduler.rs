@@ -39,7 +39,9 @@ fn lost_workers(now: Instant, st: &State, t: Timeouts) -> HashSet<WorkerId> {
     let mut lost: HashSet<WorkerId> = st
         .workers
         .values()
-        .filter(|w| w.alive && now.saturating_duration_since(w.last_heartbeat) > t.worker)
+        .filter(|w| {
+            w.alive && (w.replaced || now.saturating_duration_since(w.last_heartbeat) > t.worker)
+        })
         .map(|w| w.id)
         .collect();
     for job in st.jobs.values() {
@@ -222,6 +224,7 @@ mod tests {
             WorkerId(id),
             Worker {
                 id: WorkerId(id),
+                replaced: false,
                 grpc_addr: format!("w{id}"),
                 ring_addr: format!("w{id}"),
                 last_heartbeat: last,

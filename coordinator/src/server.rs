@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::CoordinatorConfig;
-use crate::service::Coordinator;
+use crate::service::{Coordinator, MAX_CLIENT_MESSAGE_BYTES, MAX_WORKER_MESSAGE_BYTES};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -49,12 +49,14 @@ pub async fn serve(
     };
     let result = tonic::transport::Server::builder()
         .add_service(health)
-        .add_service(pb::coordinator_server::CoordinatorServer::new(
-            coordinator.clone(),
-        ))
-        .add_service(pb::worker_control_server::WorkerControlServer::new(
-            coordinator.clone(),
-        ))
+        .add_service(
+            pb::coordinator_server::CoordinatorServer::new(coordinator.clone())
+                .max_decoding_message_size(MAX_CLIENT_MESSAGE_BYTES),
+        )
+        .add_service(
+            pb::worker_control_server::WorkerControlServer::new(coordinator.clone())
+                .max_decoding_message_size(MAX_WORKER_MESSAGE_BYTES),
+        )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
     tick.abort();

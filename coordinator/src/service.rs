@@ -3,12 +3,14 @@
 //! unlock → publish its effects (and wait for the store where the answer
 //! promises durability). Protocol logic lives in [`crate::state`].
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
 
 use ringtrain_common::jobspec::JobSpec;
 use ringtrain_common::metrics::Metrics;
+use ringtrain_common::worker_api::CheckpointReport;
 use ringtrain_common::{curve, JobId};
 use ringtrain_proto as pb;
 use ringtrain_proto::convert::{parse_job, parse_worker, BadField};
@@ -16,6 +18,7 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use crate::config::CoordinatorConfig;
+use crate::confine::{self, Roots};
 use crate::convert;
 use crate::models;
 use crate::outbox::{Outbox, Sinks};
@@ -37,6 +40,67 @@ struct Inner {
     config: CoordinatorConfig,
     /// Set at shutdown: open watch streams end with UNAVAILABLE.
     closing: watch::Sender<bool>,
+    /// Where submissions may read and write.
+    roots: Roots,
+    /// Open watch streams by client address.
+    watchers: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// The largest spec a submission may carry.
+pub const MAX_SPEC_BYTES: usize = 1 << 20;
+/// The largest message the client API accepts: a spec or a model chunk
+/// (both at most 1 MiB), with room for their framing.
+pub const MAX_CLIENT_MESSAGE_BYTES: usize = MAX_SPEC_BYTES + (64 << 10);
+/// The largest request of the client API other than a submission or an
+/// upload: ids, page tokens.
+pub const MAX_SMALL_REQUEST_BYTES: usize = 16 << 10;
+/// The largest message of the worker API: registrations, heartbeats and
+/// reports are small; a failure report carries one error message.
+pub const MAX_WORKER_MESSAGE_BYTES: usize = 64 << 10;
+/// An uploaded model no job names is kept this long for the submission
+/// that uploaded it.
+const MODEL_UPLOAD_GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
+/// A worker's advertised addresses and host name.
+const MAX_ADDRESS_BYTES: usize = 256;
+/// Jobs per `ListJobs` page: the default and the most.
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+pub const MAX_PAGE_SIZE: usize = 1000;
+
+/// RESOURCE_EXHAUSTED for a request of a method larger than it needs.
+fn small<T: prost::Message>(request: &Request<T>) -> Result<(), Status> {
+    let len = request.get_ref().encoded_len();
+    if len > MAX_SMALL_REQUEST_BYTES {
+        return Err(Status::resource_exhausted(format!(
+            "request of {len} bytes, at most {MAX_SMALL_REQUEST_BYTES} for this method"
+        )));
+    }
+    Ok(())
+}
+
+/// Who a watch stream counts against: the client's address.
+fn client_key<T>(request: &Request<T>) -> String {
+    request
+        .remote_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_else(|| "local".into())
+}
+
+/// One open watch stream of a client; dropping it frees the slot.
+struct WatchSlot {
+    watchers: Arc<Mutex<HashMap<String, usize>>>,
+    key: String,
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut w = lock(&self.watchers);
+        if let Some(n) = w.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                w.remove(&self.key);
+            }
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -53,6 +117,8 @@ fn refused(e: StateError) -> Status {
         StateError::NotMember { .. } | StateError::Ended { .. } => {
             Status::failed_precondition(e.to_string())
         }
+        StateError::OutsideCheckpointDir { .. } => Status::invalid_argument(e.to_string()),
+        StateError::TooManyWorkers(_) => Status::resource_exhausted(e.to_string()),
     }
 }
 
@@ -74,10 +140,25 @@ impl Coordinator {
             worker: config.worker_timeout(),
             suspect: config.suspect_timeout(),
         };
-        let state = State::recover(Instant::now(), timeouts, records, counters, |dir| {
+        let mut state = State::recover(Instant::now(), timeouts, records, counters, |dir| {
             curve::read_report(dir)
         });
+        state.limits = crate::state::Limits {
+            max_workers: config.max_workers,
+            forget_lost_workers: std::time::Duration::from_millis(config.forget_lost_workers_ms),
+            keep_finished_jobs: config.job_retention.count,
+            keep_finished_for: std::time::Duration::from_secs(config.job_retention.max_age_s),
+        };
         let store = StoreWriter::start(store).map_err(|e| StoreError::new(&config.data_dir, e))?;
+        let roots = Roots {
+            data: config
+                .resolved_data_roots()
+                .map_err(|e| StoreError::new(&config.data_dir, format!("data roots: {e}")))?,
+            checkpoints: config
+                .resolved_checkpoint_roots()
+                .map_err(|e| StoreError::new(&config.data_dir, format!("checkpoint root: {e}")))?,
+        };
+        tracing::info!(data_roots = ?roots.data, checkpoint_roots = ?roots.checkpoints, "submissions are confined to these directories");
         Ok(Self {
             inner: Arc::new(Inner {
                 state: Mutex::new(state),
@@ -93,6 +174,8 @@ impl Coordinator {
                 },
                 config,
                 closing: watch::channel(false).0,
+                roots,
+                watchers: Default::default(),
             }),
         })
     }
@@ -142,11 +225,27 @@ impl Coordinator {
     /// Runs the scheduler (the periodic tick; requests run it too).
     pub fn tick(&self) {
         let mut st = lock(&self.inner.state);
-        let fx = st.tick(Instant::now());
+        let now = Instant::now();
+        let mut fx = st.tick(now);
+        let forgotten = st.forget_expired(now, SystemTime::now());
+        let collect = !forgotten.forgotten.is_empty();
+        let in_use = collect.then(|| st.models_in_use());
+        fx.persist.extend(forgotten.persist);
+        fx.forgotten.extend(forgotten.forgotten);
         let mut outbox = lock(&self.inner.outbox);
         drop(st);
         // Nobody waits on a tick: its durable writes land in order anyway.
         outbox.publish(fx, &self.inner.sinks);
+        drop(outbox);
+        if let (Some(in_use), Ok(rt)) = (in_use, tokio::runtime::Handle::try_current()) {
+            let this = self.clone();
+            // Off the runtime: it lists and deletes files.
+            rt.spawn_blocking(move || {
+                this.inner
+                    .blobs
+                    .collect_garbage(&in_use, MODEL_UPLOAD_GRACE)
+            });
+        }
     }
 
     /// Ends open watch streams (with UNAVAILABLE), so a graceful shutdown
@@ -170,18 +269,45 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         request: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
         let req = request.into_inner();
-        let spec = JobSpec::parse(&req.spec_toml, &[])
+        if req.spec_toml.len() > MAX_SPEC_BYTES {
+            return Err(Status::resource_exhausted(format!(
+                "spec_toml: {} bytes, at most {MAX_SPEC_BYTES}",
+                req.spec_toml.len()
+            )));
+        }
+        let mut spec = JobSpec::parse(&req.spec_toml, &[])
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let cluster_max = self.inner.config.max_workers;
+        if spec.max_workers() > cluster_max {
+            let key = if spec.max_workers > spec.workers {
+                "max_workers"
+            } else {
+                "workers"
+            };
+            return Err(Status::invalid_argument(format!(
+                "job spec: {key} must be at most this cluster's max_workers ({cluster_max}) (got {})",
+                spec.max_workers()
+            )));
+        }
+        let id = JobId::random();
+        // Checked before anything reads a path, the dry run included.
+        let default_dir = self
+            .inner
+            .config
+            .data_dir
+            .join(id.to_string())
+            .join("checkpoint");
+        let roots = self.inner.roots.clone();
+        let (spec, confined) = tokio::task::spawn_blocking(move || {
+            confine::submission(&mut spec, &req.resume_from, default_dir, &roots).map(|c| (spec, c))
+        })
+        .await
+        .map_err(|_| Status::unavailable("the path check stopped"))?
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let worker = self.read(|st, _| Ok(st.dry_run_target()))?;
         models::check_submission(&self.inner.blobs, &spec, worker).await?;
-        let id = JobId::random();
-        let checkpoint_dir = if spec.checkpoint.dir.is_empty() {
-            let dir = self.inner.config.data_dir.join(id.to_string());
-            dir.join("checkpoint").to_string_lossy().into_owned()
-        } else {
-            spec.checkpoint.dir.clone()
-        };
-        let (resume_from, submitted) = (req.resume_from, SystemTime::now());
+        let (resume_from, checkpoint_dir) = (confined.resume_from, confined.checkpoint_dir);
+        let submitted = SystemTime::now();
         self.change(|st, now| {
             let fx = st.submit(now, id, spec, resume_from, checkpoint_dir, submitted);
             Ok(((), fx))
@@ -204,6 +330,7 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::JobMetrics>, Status> {
+        small(&request)?;
         let id = parse_job(&request.into_inner().job_id).map_err(bad_request)?;
         let (mut rows, on_disk) = self.read(|st, _| st.history(id))?;
         // A job that ended before this coordinator started: its metrics.csv.
@@ -220,6 +347,7 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::JobStatus>, Status> {
+        small(&request)?;
         let id = parse_job(&request.into_inner().job_id).map_err(bad_request)?;
         let job = self.read(|st, _| st.snapshot(id))?;
         Ok(Response::new(convert::job_status(&job)))
@@ -227,12 +355,35 @@ impl pb::coordinator_server::Coordinator for Coordinator {
 
     async fn list_jobs(
         &self,
-        _request: Request<pb::ListJobsRequest>,
+        request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
-        let (jobs, workers) = self.read(|st, now| Ok((st.snapshots(), st.worker_views(now))))?;
+        small(&request)?;
+        let req = request.into_inner();
+        let size = match req.page_size as usize {
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        };
+        let after = match req.page_token.as_str() {
+            "" => None,
+            token => Some(
+                parse_job(token)
+                    .map_err(|e| Status::invalid_argument(format!("page_token: {}", e.problem)))?,
+            ),
+        };
+        let (page, workers) = self.read(|st, now| {
+            let page = st.snapshots_page(after, size)?;
+            // Workers are few (bounded by max_workers): on the first page.
+            let workers = after.is_none().then(|| st.worker_views(now));
+            Ok((page, workers))
+        })?;
         Ok(Response::new(pb::ListJobsResponse {
-            jobs: jobs.iter().map(convert::job_status).collect(),
-            workers: workers.iter().map(convert::worker_status).collect(),
+            jobs: page.jobs.iter().map(convert::job_status).collect(),
+            workers: workers
+                .unwrap_or_default()
+                .iter()
+                .map(convert::worker_status)
+                .collect(),
+            next_page_token: page.next.map(|id| id.to_string()).unwrap_or_default(),
         }))
     }
 
@@ -240,6 +391,7 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         &self,
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
+        small(&request)?;
         let id = parse_job(&request.into_inner().job_id).map_err(bad_request)?;
         let job = self.change(|st, now| st.cancel(now, id)).await?;
         Ok(Response::new(pb::CancelJobResponse {
@@ -253,7 +405,24 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         &self,
         request: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
+        small(&request)?;
+        let key = client_key(&request);
         let id = parse_job(&request.into_inner().job_id).map_err(bad_request)?;
+        let slot = {
+            let most = self.inner.config.max_watch_streams_per_client;
+            let mut w = lock(&self.inner.watchers);
+            let open = w.entry(key.clone()).or_insert(0);
+            if *open >= most {
+                return Err(Status::resource_exhausted(format!(
+                    "{most} watch streams are open from this client already (max_watch_streams_per_client)"
+                )));
+            }
+            *open += 1;
+            WatchSlot {
+                watchers: self.inner.watchers.clone(),
+                key,
+            }
+        };
         let (first, rx) = {
             let st = lock(&self.inner.state);
             let job = st.snapshot(id).map_err(refused)?;
@@ -271,6 +440,11 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         let snapshot = move || lock(&this.inner.state).snapshot(id).ok();
         let closing = self.inner.closing.subscribe();
         let stream = crate::watch::events(first, rx, closing, snapshot);
+        // The slot is held for as long as the stream is.
+        let stream = futures::StreamExt::map(stream, move |event| {
+            let _held = &slot;
+            event
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 }
@@ -287,8 +461,20 @@ impl pb::worker_control_server::WorkerControl for Coordinator {
                 "a worker must advertise grpc_addr and ring_addr",
             ));
         }
+        for (field, value) in [
+            ("grpc_addr", &registration.grpc_addr),
+            ("ring_addr", &registration.ring_addr),
+            ("hostname", &registration.hostname),
+        ] {
+            if value.len() > MAX_ADDRESS_BYTES {
+                return Err(Status::invalid_argument(format!(
+                    "{field}: '{}' is longer than {MAX_ADDRESS_BYTES} bytes",
+                    ringtrain_common::quote(value)
+                )));
+            }
+        }
         let id = self
-            .change(|st, now| Ok(st.register_worker(now, registration)))
+            .change(|st, now| st.register_worker(now, registration))
             .await?;
         Ok(Response::new(pb::RegisterWorkerResponse {
             worker_id: id.to_string(),
@@ -348,7 +534,22 @@ impl pb::worker_control_server::WorkerControl for Coordinator {
         &self,
         request: Request<pb::CheckpointReport>,
     ) -> Result<Response<pb::Empty>, Status> {
-        self.report(request, State::report_checkpoint).await
+        let mut r: CheckpointReport = parse(request)?;
+        // Fenced first: a non-member learns nothing about the file system.
+        self.read(|st, _| st.check_member(r.job, r.worker, r.generation))?;
+        // The coordinator writes the job's report into this directory: it
+        // must resolve (symlinks followed) inside the checkpoint roots.
+        let roots = self.inner.roots.checkpoints.clone();
+        let dir = r.dir.to_string_lossy().into_owned();
+        r.dir = tokio::task::spawn_blocking(move || {
+            ringtrain_common::paths::confine("dir", &dir, &roots)
+        })
+        .await
+        .map_err(|_| Status::unavailable("the path check stopped"))?
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.change(|st, now| Ok(((), st.report_checkpoint(now, &r)?)))
+            .await?;
+        Ok(Response::new(pb::Empty {}))
     }
 
     async fn report_finish(

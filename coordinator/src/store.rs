@@ -117,6 +117,18 @@ impl Store {
         counters: Counters,
         durable: bool,
     ) -> Result<(), StoreError> {
+        self.apply(jobs, &[], counters, durable)
+    }
+
+    /// Writes jobs, deletes the jobs `forget`, and writes the counters, in
+    /// one transaction.
+    pub fn apply(
+        &self,
+        jobs: &[JobRecord],
+        forget: &[u64],
+        counters: Counters,
+        durable: bool,
+    ) -> Result<(), StoreError> {
         let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
         if !durable {
             txn.set_durability(Durability::None)
@@ -129,6 +141,9 @@ impl Store {
                 table
                     .insert(job.id, bytes.as_slice())
                     .map_err(|e| self.err(e))?;
+            }
+            for id in forget {
+                table.remove(*id).map_err(|e| self.err(e))?;
             }
             let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
             meta.insert("next_generation", counters.next_generation)
@@ -171,6 +186,8 @@ pub type Durable = oneshot::Receiver<Result<(), StoreError>>;
 
 struct Write {
     record: Option<JobRecord>,
+    /// Jobs to delete (job retention).
+    forget: Vec<u64>,
     counters: Counters,
     durable: bool,
     ack: Option<oneshot::Sender<Result<(), StoreError>>>,
@@ -210,6 +227,7 @@ impl StoreWriter {
         let sent = queue.as_ref().is_some_and(|(tx, _)| {
             tx.send(Write {
                 record,
+                forget: Vec::new(),
                 counters,
                 durable,
                 ack,
@@ -220,6 +238,21 @@ impl StoreWriter {
             tracing::warn!("job store writer stopped; a write was dropped");
         }
         done
+    }
+
+    /// Queues deleting the jobs `forget` (not waited for: a job that comes
+    /// back after a crash is forgotten again).
+    pub fn forget(&self, forget: Vec<u64>, counters: Counters) {
+        let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((tx, _)) = queue.as_ref() {
+            let _ = tx.send(Write {
+                record: None,
+                forget,
+                counters,
+                durable: false,
+                ack: None,
+            });
+        }
     }
 
     /// Writes what is queued and stops the thread (blocking; at shutdown).
@@ -255,9 +288,18 @@ fn write_loop(store: &Store, rx: mpsc::Receiver<Write>) {
             .iter()
             .filter_map(|&i| batch[i].record.clone())
             .collect();
+        let forget: Vec<u64> = batch
+            .iter()
+            .flat_map(|w| w.forget.iter().copied())
+            .collect();
+        // A job is forgotten only once it has ended: no record of it follows.
+        let records: Vec<JobRecord> = records
+            .into_iter()
+            .filter(|r| !forget.contains(&r.id))
+            .collect();
         let counters = batch.last().map(|w| w.counters).unwrap_or_default();
         let durable = batch.iter().any(|w| w.durable);
-        let result = store.put_batch(&records, counters, durable);
+        let result = store.apply(&records, &forget, counters, durable);
         if let Err(e) = &result {
             tracing::warn!(error = %e, "could not persist jobs");
         }

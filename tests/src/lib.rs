@@ -223,10 +223,16 @@ impl Cluster {
     /// namespace can reach).
     pub fn start_on(workers: usize, listen_ip: &str, advertise: &str) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
+        // Tests make their data sets and models in their own directory.
         let options = ClusterOptions {
             program: ringtrain_bin(),
             listen_ip: listen_ip.into(),
             advertise: advertise.into(),
+            data_roots: vec![
+                dir.path().to_path_buf(),
+                PathBuf::from("/usr/share/datasets"),
+            ],
+            checkpoint_root: Some(dir.path().to_path_buf()),
         };
         let inner = LocalCluster::start(&dir.path().join("data"), workers, options)
             .unwrap_or_else(|e| panic!("starting the cluster: {e}"));

@@ -330,6 +330,29 @@ pub async fn cancel(args: CancelArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every job and worker, following `ListJobs` pages to the last.
+async fn list_all(client: &mut CoordinatorClient<Channel>) -> anyhow::Result<pb::ListJobsResponse> {
+    let mut all = pb::ListJobsResponse::default();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_jobs(pb::ListJobsRequest {
+                page_size: 0,
+                page_token: page_token.clone(),
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        all.jobs.extend(page.jobs);
+        all.workers.extend(page.workers);
+        // A token that does not move would loop for ever.
+        if page.next_page_token.is_empty() || page.next_page_token == page_token {
+            return Ok(all);
+        }
+        page_token = page.next_page_token;
+    }
+}
+
 pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let mut client = connect(&args.target.coordinator).await?;
     if let Some(job) = &args.job {
@@ -360,11 +383,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let list = client
-        .list_jobs(pb::ListJobsRequest {})
-        .await
-        .map_err(status_error)?
-        .into_inner();
+    let list = list_all(&mut client).await?;
     if args.json {
         let jobs: Vec<_> = list.jobs.iter().map(result_json).collect();
         let workers: Vec<_> = list

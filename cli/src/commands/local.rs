@@ -36,7 +36,14 @@ pub struct LocalArgs {
 /// A coordinator and `workers` workers of this very binary on loopback.
 pub fn start_cluster(run_dir: &Path, workers: usize) -> anyhow::Result<LocalCluster> {
     let program = std::env::current_exe().context("locating the ringtrain binary")?;
-    let options = ClusterOptions::loopback(program);
+    start_with(run_dir, workers, ClusterOptions::loopback(program))
+}
+
+fn start_with(
+    run_dir: &Path,
+    workers: usize,
+    options: ClusterOptions,
+) -> anyhow::Result<LocalCluster> {
     Ok(tokio::task::block_in_place(|| {
         LocalCluster::start(run_dir, workers, options)
     })?)
@@ -72,6 +79,45 @@ pub fn check_dataset(path: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The local user owns what its spec names: the coordinator's roots cover
+/// the spec's paths and the checkpoint it resumes from (besides its usual
+/// defaults, so examples naming /usr/share/datasets work).
+fn local_roots(
+    program: PathBuf,
+    spec: &ringtrain_common::jobspec::JobSpec,
+    args: &LocalArgs,
+) -> ClusterOptions {
+    use ringtrain_common::jobspec::ModelSource;
+    let mut options = ClusterOptions::loopback(program);
+    let model = match &spec.model {
+        ModelSource::ScriptFile(p) => p.as_str(),
+        _ => "",
+    };
+    let mut roots: Vec<PathBuf> = [
+        spec.dataset.path.as_str(),
+        spec.dataset.test_path.as_str(),
+        spec.init_from.as_str(),
+        model,
+    ]
+    .iter()
+    .filter(|p| !p.is_empty())
+    .map(PathBuf::from)
+    .collect();
+    roots.extend(args.resume.iter().cloned());
+    if let Some(data) = std::env::var_os("RINGTRAIN_DATA").filter(|d| !d.is_empty()) {
+        roots.push(PathBuf::from(data));
+    }
+    roots.push(PathBuf::from("/usr/share/datasets"));
+    options.data_roots = roots
+        .into_iter()
+        .filter_map(|p| std::path::absolute(p).ok())
+        .collect();
+    if !spec.checkpoint.dir.is_empty() {
+        options.checkpoint_root = std::path::absolute(&spec.checkpoint.dir).ok();
+    }
+    options
+}
+
 pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     let mut overrides = args.overrides.clone();
     if let Some(n) = args.workers {
@@ -98,7 +144,8 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         spec.workers,
         run_dir.join("logs").display()
     );
-    let cluster = start_cluster(&run_dir, spec.workers)?;
+    let program = std::env::current_exe().context("locating the ringtrain binary")?;
+    let cluster = start_with(&run_dir, spec.workers, local_roots(program, &spec, &args))?;
     let mut client = client::connect(&cluster.coordinator_url).await?;
     let job = client::submit_spec(&mut client, &spec, args.resume.as_deref()).await?;
     eprintln!(

@@ -14,7 +14,8 @@ use crate::settings::{self, shutdown_signal};
 
 #[derive(clap::Args)]
 pub struct CoordinatorArgs {
-    /// TOML config file (keys: listen, metrics_listen, data_dir, heartbeat_interval_ms, worker_timeout_ms).
+    /// TOML config file (keys: listen, metrics_listen, data_dir, data_roots, checkpoint_root,
+    /// max_workers, job_retention = { count, max_age_s }, heartbeat_interval_ms, worker_timeout_ms, ...).
     #[arg(long)]
     config: Option<PathBuf>,
     /// gRPC listen address (overrides the config).
@@ -24,6 +25,17 @@ pub struct CoordinatorArgs {
     metrics_listen: Option<String>,
     #[arg(long)]
     data_dir: Option<String>,
+    /// A directory a job's data may come from (repeat for several;
+    /// replaces the config's data_roots). Default: $RINGTRAIN_DATA, or
+    /// /usr/share/datasets.
+    #[arg(long = "data-root", value_name = "DIR")]
+    data_roots: Vec<PathBuf>,
+    /// Where a job's checkpoint.dir may be (besides the data dir).
+    #[arg(long)]
+    checkpoint_root: Option<String>,
+    /// Most workers registered at once, and most a job may ask for.
+    #[arg(long)]
+    max_workers: Option<String>,
     /// Write {"grpc": addr, "metrics": addr} here once listening.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -75,8 +87,13 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
             ("listen", args.listen),
             ("metrics_listen", args.metrics_listen),
             ("data_dir", args.data_dir),
+            ("checkpoint_root", args.checkpoint_root),
+            ("max_workers", args.max_workers),
         ],
     )?;
+    if !args.data_roots.is_empty() {
+        config.data_roots = args.data_roots;
+    }
     config.data_dir = std::path::absolute(&config.data_dir)
         .with_context(|| format!("data dir {}", config.data_dir.display()))?;
     let rt = tokio::runtime::Runtime::new()?;

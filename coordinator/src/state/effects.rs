@@ -89,6 +89,8 @@ pub struct Effects {
     pub persist: Vec<PersistOp>,
     pub observations: Vec<Observation>,
     pub reports: Vec<ReportRequest>,
+    /// Jobs forgotten (job retention): deleted from the store.
+    pub forgotten: Vec<JobId>,
 }
 
 impl Effects {

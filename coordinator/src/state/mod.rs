@@ -15,6 +15,7 @@
 mod effects;
 mod jobs;
 mod reports;
+mod retention;
 mod schedule;
 mod workers;
 
@@ -23,7 +24,7 @@ pub(crate) mod tests;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use ringtrain_common::curve::MetricRow;
 use ringtrain_common::jobspec::JobSpec;
@@ -50,6 +51,12 @@ pub enum StateError {
         worker: WorkerId,
         generation: RingGeneration,
     },
+    /// A checkpoint report naming a directory the job was not given.
+    #[error("job {job} checkpoints inside its own directory, not '{dir}'")]
+    OutsideCheckpointDir { job: JobId, dir: String },
+    /// The cluster holds as many workers as it may.
+    #[error("{0} workers are registered already (the coordinator's max_workers)")]
+    TooManyWorkers(usize),
     #[error("job {job} already ended ({state})")]
     Ended { job: JobId, state: JobState },
 }
@@ -216,6 +223,9 @@ impl Job {
 #[derive(Clone, Debug)]
 pub struct Worker {
     pub id: WorkerId,
+    /// Registered again under a new id (a restarted worker at the same
+    /// addresses): lost at the next scheduling round.
+    pub replaced: bool,
     pub grpc_addr: String,
     pub ring_addr: String,
     pub last_heartbeat: Instant,
@@ -238,6 +248,39 @@ pub struct WorkerView {
     pub alive: bool,
 }
 
+/// What the state keeps of what peers create (see
+/// [`crate::config::CoordinatorConfig`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Limits {
+    /// Workers registered at once (lost ones not yet forgotten included).
+    pub max_workers: usize,
+    /// A lost worker is forgotten this long after its last heartbeat.
+    pub forget_lost_workers: Duration,
+    /// Finished jobs kept: the newest this many...
+    pub keep_finished_jobs: usize,
+    /// ...submitted at most this long ago.
+    pub keep_finished_for: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_workers: 256,
+            forget_lost_workers: Duration::from_secs(600),
+            keep_finished_jobs: 1000,
+            keep_finished_for: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+/// One page of `ListJobs`: jobs in submission order, and the last one's id
+/// when more follow.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobsPage {
+    pub jobs: Vec<JobSnapshot>,
+    pub next: Option<JobId>,
+}
+
 pub struct State {
     pub jobs: BTreeMap<JobId, Job>,
     /// Submission order, for fair scheduling.
@@ -245,6 +288,7 @@ pub struct State {
     pub workers: BTreeMap<WorkerId, Worker>,
     pub counters: Counters,
     pub timeouts: Timeouts,
+    pub limits: Limits,
 }
 
 impl State {
@@ -255,6 +299,7 @@ impl State {
             workers: BTreeMap::new(),
             counters,
             timeouts,
+            limits: Limits::default(),
         }
     }
 
@@ -273,6 +318,38 @@ impl State {
             .filter_map(|id| self.jobs.get(id))
             .map(Job::snapshot)
             .collect()
+    }
+
+    /// Up to `size` jobs in submission order, after the job `after` (the
+    /// previous page's last).
+    pub fn snapshots_page(
+        &self,
+        after: Option<JobId>,
+        size: usize,
+    ) -> Result<JobsPage, StateError> {
+        let start = match after {
+            None => 0,
+            Some(id) => {
+                self.queue
+                    .iter()
+                    .position(|j| *j == id)
+                    .ok_or(StateError::NoJob(id))?
+                    + 1
+            }
+        };
+        let mut jobs: Vec<JobSnapshot> = self.queue[start..]
+            .iter()
+            .filter_map(|id| self.jobs.get(id))
+            .take(size.saturating_add(1))
+            .map(Job::snapshot)
+            .collect();
+        let next = if jobs.len() > size {
+            jobs.truncate(size);
+            jobs.last().map(|j| j.id)
+        } else {
+            None
+        };
+        Ok(JobsPage { jobs, next })
     }
 
     pub fn worker_views(&self, now: Instant) -> Vec<WorkerView> {
@@ -306,14 +383,15 @@ impl State {
         Ok((job.history.clone(), on_disk))
     }
 
-    /// The running job's current-generation member `worker`, or why not.
-    fn member(
-        &mut self,
+    /// Ok when `worker` is a member of the running job's current generation:
+    /// the only reports that may change it.
+    pub fn check_member(
+        &self,
         job: JobId,
         worker: WorkerId,
         generation: RingGeneration,
-    ) -> Result<&mut Job, StateError> {
-        let j = self.jobs.get_mut(&job).ok_or(StateError::NoJob(job))?;
+    ) -> Result<(), StateError> {
+        let j = self.jobs.get(&job).ok_or(StateError::NoJob(job))?;
         if j.state != JobState::Running || j.generation != generation || j.rank_of(worker).is_none()
         {
             return Err(StateError::NotMember {
@@ -322,7 +400,18 @@ impl State {
                 generation,
             });
         }
-        Ok(j)
+        Ok(())
+    }
+
+    /// The running job's current-generation member `worker`, or why not.
+    fn member(
+        &mut self,
+        job: JobId,
+        worker: WorkerId,
+        generation: RingGeneration,
+    ) -> Result<&mut Job, StateError> {
+        self.check_member(job, worker, generation)?;
+        self.jobs.get_mut(&job).ok_or(StateError::NoJob(job))
     }
 
     /// Queues the job's record for the store (`durable`: wait for fsync).

@@ -3,7 +3,10 @@
 //! (a different hash fails the job: replicas diverged); a growing ring drains
 //! at a step boundary; a job ends when every member has finished.
 
+use std::path::Path;
 use std::time::Instant;
+
+use ringtrain_common::paths::lexically_inside;
 
 use ringtrain_common::curve::{self, MetricRow};
 use ringtrain_common::worker_api::{
@@ -30,18 +33,16 @@ impl State {
         r: &StepReport,
     ) -> Result<(StepVerdict, Effects), StateError> {
         let mut fx = Effects::default();
+        // Not (or no longer) a member: refused before anything is recorded,
+        // and the worker stops this generation on the refusal.
+        self.member(r.job, r.worker, r.generation)?;
         if let Some(w) = self.workers.get_mut(&r.worker) {
             w.last_step = r.version;
             if r.step_seconds > 0.0 {
                 w.samples_per_s = r.samples as f64 / r.step_seconds;
             }
         }
-        let job = match self.member(r.job, r.worker, r.generation) {
-            Ok(job) => job,
-            // Not (or no longer) a member: stop, whatever else is true.
-            Err(StateError::NotMember { .. }) => return Ok((StepVerdict::Stop, fx)),
-            Err(e) => return Err(e),
-        };
+        let job = self.member(r.job, r.worker, r.generation)?;
         job.total_steps = r.total_steps;
         job.max_reported = job.max_reported.max(r.version);
         let world = job.members.len();
@@ -157,6 +158,15 @@ impl State {
         r: &CheckpointReport,
     ) -> Result<Effects, StateError> {
         let job = self.member(r.job, r.worker, r.generation)?;
+        // Only inside the directory the job was given (itself confined to
+        // the checkpoint root at submission): the coordinator writes the
+        // job's report there.
+        if !lexically_inside(&r.dir, Path::new(&job.checkpoint_dir)) {
+            return Err(StateError::OutsideCheckpointDir {
+                job: r.job,
+                dir: ringtrain_common::quote(&r.dir.to_string_lossy()).into_owned(),
+            });
+        }
         let dir = r.dir.to_string_lossy().into_owned();
         job.checkpoint_dir = dir.clone();
         job.checkpoint_version = Some(r.version);
@@ -175,6 +185,8 @@ impl State {
         match &r.error {
             Some(error) => {
                 let rank = job.rank_of(r.worker).unwrap_or(0);
+                // A worker's own words, kept to a size ListJobs can carry.
+                let error = ringtrain_common::cut(error, 1000);
                 let why = format!("worker {} (rank {rank}): {error}", r.worker);
                 self.end_job(r.job, JobState::Failed, why, &mut fx);
             }

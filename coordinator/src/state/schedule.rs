@@ -63,7 +63,12 @@ impl State {
         };
         w.alive = false;
         w.job = None;
-        warn!(worker = %id, addr = %w.grpc_addr, "worker lost: silent past its timeout");
+        let why = if w.replaced {
+            "registered again"
+        } else {
+            "silent past its timeout"
+        };
+        warn!(worker = %id, addr = %w.grpc_addr, why, "worker lost");
     }
 
     /// Makes `members` the job's ring, as a new generation.

@@ -41,15 +41,17 @@ impl Cluster {
     }
 
     fn register(&mut self, port: u16) -> (WorkerId, Effects) {
-        self.st.register_worker(
-            self.now,
-            Registration {
-                grpc_addr: format!("127.0.0.1:{port}"),
-                ring_addr: format!("127.0.0.1:{}", port + 1),
-                hostname: String::new(),
-                pid: 1,
-            },
-        )
+        self.st
+            .register_worker(
+                self.now,
+                Registration {
+                    grpc_addr: format!("127.0.0.1:{port}"),
+                    ring_addr: format!("127.0.0.1:{}", port + 1),
+                    hostname: String::new(),
+                    pid: 1,
+                },
+            )
+            .unwrap()
     }
 
     fn submit(&mut self, sets: &[&str]) -> Effects {
@@ -73,6 +75,16 @@ impl Cluster {
     }
 
     fn step(&mut self, a: &Assignment, w: WorkerId, v: u64, hash: u64) -> (StepVerdict, Effects) {
+        self.try_step(a, w, v, hash).unwrap()
+    }
+
+    fn try_step(
+        &mut self,
+        a: &Assignment,
+        w: WorkerId,
+        v: u64,
+        hash: u64,
+    ) -> Result<(StepVerdict, Effects), StateError> {
         let r = StepReport {
             worker: w,
             job: a.job,
@@ -87,7 +99,7 @@ impl Cluster {
             epoch: 0,
             total_steps: 5,
         };
-        self.st.report_step(self.now, &r).unwrap()
+        self.st.report_step(self.now, &r)
     }
 
     fn state(&self) -> JobState {
@@ -203,7 +215,11 @@ fn reports_from_outside_the_current_generation_change_nothing() {
         generation: RingGeneration(0),
         ..a1.clone()
     };
-    assert_eq!(c.step(&stale, w1, 1, 1).0, StepVerdict::Stop);
+    assert!(matches!(
+        c.try_step(&stale, w1, 1, 1),
+        Err(StateError::NotMember { .. })
+    ));
+    assert!(c.st.job(JOB).unwrap().tallies.is_empty(), "nothing tallied");
     let outsider = WorkerId(99);
     let eval = EvalReport {
         worker: outsider,
@@ -249,6 +265,112 @@ fn reports_from_outside_the_current_generation_change_nothing() {
         c.st.report_eval(c.now, &unknown).unwrap_err(),
         StateError::NoJob(JobId(1))
     );
+}
+
+fn eval_report(worker: WorkerId, generation: RingGeneration, accuracy: f64) -> EvalReport {
+    EvalReport {
+        worker,
+        job: JOB,
+        generation,
+        version: ParamVersion(1),
+        accuracy,
+        loss: 0.5,
+        samples: 100,
+    }
+}
+
+#[test]
+fn an_eval_from_a_non_member_or_a_stale_generation_leaves_the_accuracy() {
+    let (mut c, [(w1, a1), _]) = Cluster::running();
+    c.st.report_eval(c.now, &eval_report(w1, a1.generation, 0.75))
+        .unwrap();
+    // (Losses are NaN before the first step: compare what evaluations set.)
+    let evals = |c: &Cluster| {
+        let h = &c.st.job(JOB).unwrap().history;
+        h.iter().map(|r| (r.step, r.eval)).collect::<Vec<_>>()
+    };
+    let history = evals(&c);
+    let outsider = WorkerId(99);
+    let e =
+        c.st.report_eval(c.now, &eval_report(outsider, a1.generation, 1.0))
+            .unwrap_err();
+    assert!(matches!(e, StateError::NotMember { .. }));
+    let stale = RingGeneration(a1.generation.0 - 1);
+    let e =
+        c.st.report_eval(c.now, &eval_report(w1, stale, 1.0))
+            .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("worker {w1} is not in {stale} of job {JOB}")
+    );
+    let job = c.st.snapshot(JOB).unwrap();
+    assert_eq!(job.eval, Some((0.75, 0.5)));
+    assert_eq!(
+        evals(&c),
+        history,
+        "no evaluation reaches the curve from a refused report"
+    );
+}
+
+#[test]
+fn a_checkpoint_from_a_non_member_or_outside_the_jobs_dir_changes_nothing() {
+    let (mut c, [(w1, a1), _]) = Cluster::running();
+    let ckpt = |worker, generation, dir: &str| CheckpointReport {
+        worker,
+        job: JOB,
+        generation,
+        version: ParamVersion(1),
+        dir: dir.into(),
+    };
+    let refusals = [
+        ckpt(WorkerId(99), a1.generation, "/ckpt"),
+        ckpt(w1, RingGeneration(a1.generation.0 + 1), "/ckpt"),
+        ckpt(w1, a1.generation, "/etc/cron.d"),
+        ckpt(w1, a1.generation, "/ckpt/../etc"),
+        ckpt(w1, a1.generation, "/ckpt-elsewhere"),
+    ];
+    for r in &refusals {
+        let e = c.st.report_checkpoint(c.now, r).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                StateError::NotMember { .. } | StateError::OutsideCheckpointDir { .. }
+            ),
+            "{e}"
+        );
+    }
+    let job = c.st.job(JOB).unwrap();
+    assert_eq!(job.checkpoint_dir, "/ckpt");
+    assert_eq!(job.checkpoint_version, None, "nothing recorded");
+    assert_eq!(job.resume_source(), "", "and nothing to resume from");
+    // The member's own directory is taken.
+    c.st.report_checkpoint(c.now, &ckpt(w1, a1.generation, "/ckpt"))
+        .unwrap();
+    assert_eq!(
+        c.st.job(JOB).unwrap().checkpoint_version,
+        Some(ParamVersion(1))
+    );
+}
+
+#[test]
+fn a_step_from_a_stale_generation_is_refused_and_not_tallied() {
+    let (mut c, [(w1, a1), (w2, a2)]) = Cluster::running();
+    let old = Assignment {
+        generation: RingGeneration(a1.generation.0 - 1),
+        ..a2.clone()
+    };
+    let before = c.st.worker_views(c.now);
+    let e = c.try_step(&old, w2, 1, 1).unwrap_err();
+    assert!(matches!(e, StateError::NotMember { .. }), "{e}");
+    assert_eq!(
+        c.st.worker_views(c.now),
+        before,
+        "the worker's figures stay"
+    );
+    // The current generation still commits normally.
+    c.step(&a1, w1, 1, 7);
+    c.step(&a2, w2, 1, 7);
+    assert_eq!(c.st.snapshot(JOB).unwrap().step, ParamVersion(1));
 }
 
 #[test]
@@ -444,29 +566,150 @@ fn a_restarted_coordinator_keeps_its_jobs_waiting_for_their_workers() {
     assert_eq!(st.snapshot(JOB).unwrap().step, ParamVersion(1));
     assert_eq!(st.snapshot(JobId(2)).unwrap().state, JobState::Pending);
     assert_eq!(st.heartbeat(now, w1).0, HeartbeatReply::Unknown);
-    let (w3, _) = st.register_worker(
-        now,
-        Registration {
-            grpc_addr: "a:1".into(),
-            ring_addr: "a:2".into(),
-            hostname: String::new(),
-            pid: 1,
-        },
-    );
+    let (w3, _) = st
+        .register_worker(
+            now,
+            Registration {
+                grpc_addr: "a:1".into(),
+                ring_addr: "a:2".into(),
+                hostname: String::new(),
+                pid: 1,
+            },
+        )
+        .unwrap();
     assert!(w3 > w2, "worker ids are not reused across restarts");
     // Regrouping: one worker is not enough yet (the job had two).
     assert_eq!(st.snapshot(JOB).unwrap().state, JobState::Waiting);
-    let (w4, _) = st.register_worker(
-        now,
-        Registration {
-            grpc_addr: "b:1".into(),
-            ring_addr: "b:2".into(),
-            hostname: String::new(),
-            pid: 1,
-        },
-    );
+    let (w4, _) = st
+        .register_worker(
+            now,
+            Registration {
+                grpc_addr: "b:1".into(),
+                ring_addr: "b:2".into(),
+                hostname: String::new(),
+                pid: 1,
+            },
+        )
+        .unwrap();
     let generation = st.snapshot(JOB).unwrap().generation;
     assert_eq!(st.snapshot(JOB).unwrap().state, JobState::Running);
     assert!(generation > a1.generation, "newer than before the restart");
     assert!(st.assignment(w4).is_some());
+}
+
+#[test]
+fn registrations_are_bounded_and_a_worker_registering_again_replaces_itself() {
+    let mut c = Cluster::new();
+    c.st.limits.max_workers = 3;
+    let (w1, _) = c.register(1000);
+    c.register(2000);
+    // The same addresses again: a restarted worker, not a fourth one.
+    for _ in 0..10 {
+        c.register(1000);
+    }
+    let alive = |c: &Cluster| c.st.workers.values().filter(|w| w.alive).count();
+    assert_eq!(alive(&c), 2);
+    assert!(
+        c.st.workers.get(&w1).is_none_or(|w| !w.alive),
+        "the old registration is lost (or forgotten to make room)"
+    );
+    assert!(c.st.workers.len() <= 3, "{} kept", c.st.workers.len());
+    c.register(3000);
+    let e =
+        c.st.register_worker(
+            c.now,
+            Registration {
+                grpc_addr: "127.0.0.1:4000".into(),
+                ring_addr: "127.0.0.1:4001".into(),
+                hostname: String::new(),
+                pid: 1,
+            },
+        )
+        .unwrap_err();
+    assert_eq!(e, StateError::TooManyWorkers(3));
+    assert_eq!(
+        e.to_string(),
+        "3 workers are registered already (the coordinator's max_workers)"
+    );
+}
+
+#[test]
+fn a_member_registering_again_leaves_its_ring() {
+    let (mut c, [(w1, a1), _]) = Cluster::running();
+    c.register(1000); // w1's addresses
+    assert!(!c.st.workers[&w1].alive);
+    let job = c.st.job(JOB).unwrap();
+    assert!(!job.members.contains(&w1), "re-formed without it");
+    assert!(job.generation > a1.generation || job.state != JobState::Running);
+}
+
+#[test]
+fn lost_workers_are_forgotten_after_a_while() {
+    let mut c = Cluster::new();
+    c.st.limits.forget_lost_workers = Duration::from_secs(60);
+    let (w1, _) = c.register(1000);
+    c.advance(4_000);
+    c.st.tick(c.now);
+    assert!(!c.st.workers[&w1].alive, "lost after its timeout");
+    c.st.forget_expired(c.now, SystemTime::now());
+    assert!(c.st.workers.contains_key(&w1), "listed as lost for a while");
+    c.advance(61_000);
+    c.st.forget_expired(c.now, SystemTime::now());
+    assert!(!c.st.workers.contains_key(&w1), "then forgotten");
+}
+
+fn finished_jobs(c: &mut Cluster, n: u64, submitted: SystemTime) {
+    for i in 0..n {
+        let spec = JobSpec::parse(SPEC, &[]).unwrap();
+        c.st.submit(
+            c.now,
+            JobId(100 + i),
+            spec,
+            String::new(),
+            "/ckpt".into(),
+            submitted,
+        );
+        c.st.cancel(c.now, JobId(100 + i)).unwrap();
+    }
+}
+
+#[test]
+fn finished_jobs_are_kept_by_count_and_age_and_running_ones_always() {
+    let mut c = Cluster::new();
+    c.st.limits.keep_finished_jobs = 3;
+    c.st.limits.keep_finished_for = Duration::from_secs(3600);
+    let now = SystemTime::now();
+    c.submit(&[]); // pending: never forgotten
+    finished_jobs(&mut c, 5, now);
+    let fx = c.st.forget_expired(c.now, now);
+    assert_eq!(fx.forgotten, [JobId(100), JobId(101)], "the oldest go");
+    assert_eq!(fx.persist.len(), 1, "with the counters, for the store");
+    assert_eq!(c.st.queue.len(), 4);
+    assert!(c.st.job(JOB).is_ok());
+    // A day later every finished job is past its age.
+    let fx =
+        c.st.forget_expired(c.now, now + Duration::from_secs(86_400));
+    assert_eq!(fx.forgotten.len(), 3);
+    assert_eq!(c.st.queue, [JOB]);
+    assert!(c.st.forget_expired(c.now, now).forgotten.is_empty());
+}
+
+#[test]
+fn jobs_are_listed_a_page_at_a_time_in_submission_order() {
+    let mut c = Cluster::new();
+    finished_jobs(&mut c, 5, SystemTime::now());
+    let first = c.st.snapshots_page(None, 2).unwrap();
+    let ids = |p: &JobsPage| p.jobs.iter().map(|j| j.id).collect::<Vec<_>>();
+    assert_eq!(ids(&first), [JobId(100), JobId(101)]);
+    assert_eq!(first.next, Some(JobId(101)));
+    let second = c.st.snapshots_page(first.next, 2).unwrap();
+    assert_eq!(ids(&second), [JobId(102), JobId(103)]);
+    let last = c.st.snapshots_page(second.next, 2).unwrap();
+    assert_eq!((ids(&last), last.next), (vec![JobId(104)], None));
+    let exact = c.st.snapshots_page(None, 5).unwrap();
+    assert_eq!((exact.jobs.len(), exact.next), (5, None));
+    assert_eq!(
+        c.st.snapshots_page(Some(JobId(7)), 2).unwrap_err(),
+        StateError::NoJob(JobId(7))
+    );
 }

@@ -8,7 +8,7 @@ use ringtrain_common::worker_api::{Assignment, Registration};
 use ringtrain_common::{JobState, ParamVersion, Rank, WorkerId};
 use tracing::info;
 
-use super::{Effects, PersistOp, State, Worker};
+use super::{Effects, PersistOp, State, StateError, Worker};
 
 /// The coordinator's answer to a heartbeat.
 #[derive(Clone, Debug, PartialEq)]
@@ -23,8 +23,30 @@ pub enum HeartbeatReply {
 impl State {
     /// A new worker, idle until the scheduler gives it a job. The id counter
     /// is persisted before the worker learns its id, so a restarted
-    /// coordinator never hands the same id to another worker.
-    pub fn register_worker(&mut self, now: Instant, r: Registration) -> (WorkerId, Effects) {
+    /// coordinator never hands the same id to another worker. A worker
+    /// registering at the addresses of a known one replaces it (it
+    /// restarted); at most `limits.max_workers` are kept, lost ones making
+    /// room first.
+    pub fn register_worker(
+        &mut self,
+        now: Instant,
+        r: Registration,
+    ) -> Result<(WorkerId, Effects), StateError> {
+        for w in self.workers.values_mut() {
+            if w.alive && w.grpc_addr == r.grpc_addr && w.ring_addr == r.ring_addr {
+                info!(worker = %w.id, grpc = %r.grpc_addr, "registered again: the old registration is lost");
+                w.replaced = true;
+            }
+        }
+        let mut fx = Effects::default();
+        // Replaced workers leave their rings before the new one counts.
+        self.schedule(now, &mut fx);
+        if self.workers.len() >= self.limits.max_workers {
+            self.forget_lost_workers(now, self.workers.len() + 1 - self.limits.max_workers);
+        }
+        if self.workers.len() >= self.limits.max_workers {
+            return Err(StateError::TooManyWorkers(self.workers.len()));
+        }
         self.counters.next_worker += 1;
         let id = WorkerId(self.counters.next_worker);
         info!(worker = %id, grpc = %r.grpc_addr, ring = %r.ring_addr, host = %r.hostname, pid = r.pid, "worker registered");
@@ -32,6 +54,7 @@ impl State {
             id,
             Worker {
                 id,
+                replaced: false,
                 grpc_addr: r.grpc_addr,
                 ring_addr: r.ring_addr,
                 last_heartbeat: now,
@@ -41,14 +64,13 @@ impl State {
                 samples_per_s: 0.0,
             },
         );
-        let mut fx = Effects::default();
         fx.persist.push(PersistOp {
             record: None,
             counters: self.counters,
             durable: true,
         });
         self.schedule(now, &mut fx);
-        (id, fx)
+        Ok((id, fx))
     }
 
     /// Records a sign of life and answers with the worker's assignment.

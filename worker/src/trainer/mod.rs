@@ -286,7 +286,16 @@ impl Trainer<'_> {
             .runtime
             .block_on(f)
             .map(tonic::Response::into_inner)
-            .map_err(|e| TrainError::Coordinator(e.message().to_string()))
+            .map_err(|e| {
+                if e.code() == tonic::Code::FailedPrecondition {
+                    // Fenced: this worker is no longer in the job's current
+                    // ring generation, so nothing it does for it counts.
+                    warn!(reason = %e.message(), "the coordinator refused a report");
+                    TrainError::Stopped("the coordinator fenced this ring generation")
+                } else {
+                    TrainError::Coordinator(e.message().to_string())
+                }
+            })
     }
 
     /// Agrees on the state every member starts this generation from (see
