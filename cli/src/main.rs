@@ -70,6 +70,7 @@ fn main() -> ExitCode {
         Command::Bench(_) | Command::Local(_) | Command::Health(_) | Command::Generate(_)
     );
     telemetry::init(cli.log_format, if quiet { "warn" } else { "info" });
+    telemetry::log_panics();
     let result = match cli.command {
         Command::Coordinator(a) => serve::coordinator(a),
         Command::Worker(a) => serve::worker(a),

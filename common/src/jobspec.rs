@@ -84,6 +84,9 @@ pub struct JobSpec {
     /// libtorch intra-op threads per worker.
     #[serde(default = "one")]
     pub threads: usize,
+    /// What a step does when the all-reduced gradient holds a NaN or an Inf.
+    #[serde(default)]
+    pub on_nonfinite: OnNonFinite,
 }
 
 fn one() -> usize {
@@ -199,6 +202,22 @@ impl std::fmt::Display for ModelSource {
             ModelSource::ScriptBlob(b) => b.fmt(f),
         }
     }
+}
+
+/// What a step does when the all-reduced gradient holds a NaN or an Inf.
+/// Every replica checks the same reduced buffer, so all decide alike.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnNonFinite {
+    /// Fail the job, naming the step. The default: in f32 training a
+    /// non-finite gradient means divergence or bad data, which a user wants
+    /// to hear about at once, not after hours of skipped steps.
+    #[default]
+    Fail,
+    /// Skip the update on every replica, as torch.amp's GradScaler does:
+    /// parameters, buffers and optimizer state stay as they were; the step
+    /// still counts (version, schedule) and its batch counts as consumed.
+    SkipStep,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -885,6 +904,9 @@ fn with_key(text: &str, e: &toml::de::Error) -> String {
     msg
 }
 
+/// Dotted parts an override's key may have (spec keys have at most two).
+const MAX_KEY_PARTS: usize = 8;
+
 fn apply_override(table: &mut toml::Table, o: &str) -> Result<(), SpecError> {
     let (key, raw) = o
         .split_once('=')
@@ -898,6 +920,15 @@ fn apply_override(table: &mut toml::Table, o: &str) -> Result<(), SpecError> {
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(raw.trim().to_string()));
     let mut parts: Vec<&str> = key.split('.').collect();
+    // Every spec key has at most two parts (`optimizer.lr`): a deeper one
+    // is a mistake, and a very deep one would overflow the stack of
+    // whatever walks the nested tables it makes.
+    if parts.len() > MAX_KEY_PARTS {
+        return Err(SpecError::Parse(format!(
+            "--set {}: nested deeper than any spec key",
+            crate::quote(key)
+        )));
+    }
     let last = parts
         .pop()
         .ok_or_else(|| SpecError::BadOverride(o.into()))?;
@@ -1038,6 +1069,22 @@ momentum = 0.9
         let blob = format!("sha256:{}", "ab".repeat(32));
         let spec = JobSpec::parse(EXAMPLE, &[format!("model={blob}")]).unwrap();
         assert_eq!(spec.model.to_string(), blob);
+    }
+
+    #[test]
+    fn on_nonfinite_fails_by_default_and_names_its_choices() {
+        let spec = JobSpec::parse(EXAMPLE, &[]).unwrap();
+        assert_eq!(spec.on_nonfinite, OnNonFinite::Fail);
+        let spec = JobSpec::parse(EXAMPLE, &["on_nonfinite=skip_step".into()]).unwrap();
+        assert_eq!(spec.on_nonfinite, OnNonFinite::SkipStep);
+        assert_eq!(JobSpec::parse(&spec.to_toml(), &[]).unwrap(), spec);
+        let err = JobSpec::parse(EXAMPLE, &["on_nonfinite=ignore".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("on_nonfinite") && err.contains("`fail` or `skip_step`"),
+            "{err}"
+        );
     }
 
     #[test]

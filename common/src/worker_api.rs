@@ -52,6 +52,9 @@ pub struct StepReport {
     pub epoch: u64,
     /// Steps the whole job will take (workers know the data set's size).
     pub total_steps: u64,
+    /// The all-reduced gradient held a NaN or an Inf and the job's
+    /// `on_nonfinite = "skip_step"` left the parameters as they were.
+    pub skipped_nonfinite: bool,
 }
 
 /// Rank 0's report of an evaluation on the test split.

@@ -41,6 +41,7 @@ pub fn job_status(s: &JobSnapshot) -> pb::JobStatus {
             Some((_, loss)) if s.text => loss / std::f64::consts::LN_2,
             _ => 0.0,
         },
+        skipped_steps: s.skipped_steps,
     }
 }
 
@@ -81,6 +82,7 @@ pub fn job_record(job: &Job) -> JobRecord {
         epoch: job.epoch,
         loss: job.loss.is_finite().then_some(job.loss),
         eval: job.eval,
+        skipped_steps: job.skipped_steps,
     }
 }
 
@@ -106,6 +108,7 @@ pub fn job_from_record(r: &JobRecord) -> Result<Job, String> {
     job.epoch = r.epoch;
     job.loss = r.loss.unwrap_or(f64::NAN);
     job.eval = r.eval;
+    job.skipped_steps = r.skipped_steps;
     Ok(job)
 }
 

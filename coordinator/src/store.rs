@@ -56,6 +56,9 @@ pub struct JobRecord {
     /// None before the first step (JSON has no NaN).
     pub loss: Option<f64>,
     pub eval: Option<(f64, f64)>,
+    /// Records written before it existed read as 0.
+    #[serde(default)]
+    pub skipped_steps: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -335,6 +338,7 @@ mod tests {
             epoch: 0,
             loss: Some(0.5),
             eval: Some((0.8, 0.4)),
+            skipped_steps: 0,
         }
     }
 

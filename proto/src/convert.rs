@@ -174,6 +174,7 @@ impl From<&StepReport> for pb::StepReport {
             epoch: r.epoch,
             rank: r.rank.0,
             total_steps: r.total_steps,
+            skipped_nonfinite: r.skipped_nonfinite,
         }
     }
 }
@@ -194,6 +195,7 @@ impl TryFrom<pb::StepReport> for StepReport {
             allreduce_seconds: r.allreduce_seconds,
             epoch: r.epoch,
             total_steps: r.total_steps,
+            skipped_nonfinite: r.skipped_nonfinite,
         })
     }
 }

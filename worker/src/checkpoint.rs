@@ -647,6 +647,149 @@ mod tests {
         assert_eq!(param_hash(&a), xxhash_rust::xxh3::xxh3_64(&bytes));
     }
 
+    mod props {
+        use std::sync::OnceLock;
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// One good checkpoint's files (with optimizer state), written once:
+        /// each case corrupts a copy.
+        fn good_files() -> &'static [(&'static str, Vec<u8>)] {
+            static FILES: OnceLock<Vec<(&'static str, Vec<u8>)>> = OnceLock::new();
+            FILES.get_or_init(|| {
+                let l = layout();
+                let tmp = tempfile::tempdir().unwrap();
+                let p = values(13, -1.0);
+                let mom = values(13, 3.0);
+                save(
+                    tmp.path(),
+                    &meta(),
+                    &state(&l, &p),
+                    &l,
+                    &p,
+                    &[("momentum", &mom)],
+                )
+                .unwrap();
+                [META_FILE, MODEL_FILE, OPTIMIZER_FILE]
+                    .into_iter()
+                    .map(|f| (f, fs::read(tmp.path().join(f)).unwrap()))
+                    .collect()
+            })
+        }
+
+        /// How a file is damaged.
+        #[derive(Clone, Debug)]
+        enum Damage {
+            /// Cut to this share of its length (always shorter).
+            Truncate(f64),
+            /// XOR these bytes in at these shares of its length.
+            Flip(Vec<(f64, u8)>),
+            /// Replaced by these bytes.
+            Replace(Vec<u8>),
+            /// With these bytes appended.
+            Append(Vec<u8>),
+        }
+
+        fn damage() -> impl Strategy<Value = Damage> {
+            prop_oneof![
+                (0.0f64..1.0).prop_map(Damage::Truncate),
+                prop::collection::vec((0.0f64..1.0, 1u8..), 1..8).prop_map(Damage::Flip),
+                prop::collection::vec(any::<u8>(), 0..512).prop_map(Damage::Replace),
+                prop::collection::vec(any::<u8>(), 1..64).prop_map(Damage::Append),
+            ]
+        }
+
+        fn apply(bytes: &[u8], d: &Damage) -> Vec<u8> {
+            let at = |share: f64| ((bytes.len() as f64 * share) as usize).min(bytes.len() - 1);
+            match d {
+                Damage::Truncate(share) => bytes[..at(*share)].to_vec(),
+                Damage::Flip(flips) => {
+                    let mut out = bytes.to_vec();
+                    for &(share, x) in flips {
+                        out[at(share)] ^= x;
+                    }
+                    out
+                }
+                Damage::Replace(junk) => junk.clone(),
+                Damage::Append(junk) => [bytes, junk].concat(),
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn a_damaged_checkpoint_is_an_error_never_a_panic(which in 0usize..3, d in damage()) {
+                let files = good_files();
+                let tmp = tempfile::tempdir().unwrap();
+                for (i, (name, bytes)) in files.iter().enumerate() {
+                    let bytes = if i == which { apply(bytes, &d) } else { bytes.clone() };
+                    fs::write(tmp.path().join(name), bytes).unwrap();
+                }
+                let loaded = load(tmp.path(), &layout(), &["momentum"]);
+                match &d {
+                    // A cut file never passes for a whole one.
+                    Damage::Truncate(_) => prop_assert!(loaded.is_err()),
+                    // Tensor bytes are covered by the hashes in the JSON.
+                    Damage::Flip(_) | Damage::Replace(_) if which != 0 => {
+                        if let Ok(c) = &loaded {
+                            prop_assert_eq!(c.meta.param_hash, param_hash(&c.params));
+                        }
+                    }
+                    _ => {}
+                }
+                if let Err(e) = &loaded {
+                    prop_assert!(!e.to_string().is_empty());
+                }
+                let _ = read_meta(tmp.path());
+                let _ = read_safetensors(&tmp.path().join(files[which].0));
+            }
+
+            #[test]
+            fn any_bytes_as_a_weights_file_are_an_error_never_a_panic(bytes in prop::collection::vec(any::<u8>(), 0..1024), header in prop::collection::vec(any::<u8>(), 0..200)) {
+                // With a well-formed length prefix, so the header parser
+                // sees the bytes too.
+                let mut file = (header.len() as u64).to_le_bytes().to_vec();
+                file.extend(&header);
+                file.extend(&bytes);
+                let json = serde_json::from_slice::<serde_json::Value>(&header);
+                let decoded = decode(Path::new("x"), &file);
+                prop_assert!(json.is_ok() || decoded.is_err());
+                let _ = decode(Path::new("x"), &bytes);
+            }
+        }
+
+        #[test]
+        fn forged_headers_are_errors() {
+            let forge = |json: &str, data: &[u8]| {
+                let mut file = (json.len() as u64).to_le_bytes().to_vec();
+                file.extend(json.as_bytes());
+                file.extend(data);
+                decode(Path::new("forged.safetensors"), &file)
+            };
+            for json in [
+                // A shape far larger than the data.
+                r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,4]}}"#,
+                // Dimensions whose product overflows.
+                r#"{"w":{"dtype":"F32","shape":[18446744073709551615,2],"data_offsets":[0,8]}}"#,
+                // Offsets past the end, and backwards.
+                r#"{"w":{"dtype":"U8","shape":[4],"data_offsets":[0,400]}}"#,
+                r#"{"w":{"dtype":"U8","shape":[0],"data_offsets":[4,0]}}"#,
+                // A dtype libtorch has no kind for.
+                r#"{"w":{"dtype":"F8_E4M3","shape":[4],"data_offsets":[0,4]}}"#,
+            ] {
+                assert!(forge(json, &[0; 8]).is_err(), "{json}");
+            }
+            assert!(forge(
+                r#"{"w":{"dtype":"U8","shape":[2,2],"data_offsets":[0,4]}}"#,
+                &[1; 4]
+            )
+            .is_ok());
+        }
+    }
+
     /// PyTorch reads both files.
     #[test]
     fn pytorch_can_load_it() {

@@ -34,18 +34,5 @@ pub fn panic_message(e: tokio::task::JoinError) -> String {
 
 /// The first line of a panic payload's message.
 pub fn panic_payload_message(payload: &(dyn std::any::Any + Send)) -> String {
-    let text = payload
-        .downcast_ref::<String>()
-        .map(String::as_str)
-        .or_else(|| payload.downcast_ref::<&str>().copied())
-        .unwrap_or("panicked");
-    let line = text
-        .lines()
-        .map(str::trim)
-        .find(|l| !l.is_empty())
-        .unwrap_or("panicked");
-    match line.char_indices().nth(300) {
-        Some((cut, _)) => format!("{}…", &line[..cut]),
-        None => line.to_string(),
-    }
+    ringtrain_common::telemetry::panic_message(payload)
 }

@@ -293,20 +293,20 @@ pub async fn run(
                 if let Some(t) = before {
                     let _ = t.join();
                 }
-                // A panic (libtorch errors surface as panics in parts of
-                // tch) fails the job with its message; the worker lives on,
-                // its state for this job dropped, and takes new work.
+                // Training panics are caught and reported inside; this
+                // catches one in the reporting itself, so that no panic ends
+                // the worker: the job fails with its message, this job's
+                // state is dropped, and the worker takes new work.
                 let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     trainer::run_and_report(&ctx)
                 }));
                 if let Err(payload) = run {
                     let message = crate::panic_payload_message(payload.as_ref());
-                    error!(error = %message, "the trainer panicked");
                     ctx.state.lock().unwrap_or_else(|p| p.into_inner()).take();
                     trainer::report_failure(
                         &ctx,
                         Default::default(),
-                        format!("the trainer panicked: {message}"),
+                        format!("trainer panicked: {message}"),
                     );
                 }
             })?;

@@ -102,7 +102,7 @@ pub fn encode(mine: &Holding, rank: usize, world: usize) -> Vec<f32> {
 
 /// Every member's holding, from the summed table.
 pub fn decode(table: &[f32], world: usize) -> Result<Vec<Holding>, SyncError> {
-    if table.len() != SLOTS * world {
+    if world == 0 || Some(table.len()) != SLOTS.checked_mul(world) {
         return Err(SyncError(format!(
             "{} values for {world} members of {SLOTS}",
             table.len()
@@ -244,5 +244,76 @@ mod tests {
         t[0] = 2.0;
         assert!(decode(&t, 1).is_err(), "two members claimed rank 0");
         assert!(decode(&[0.0; 5], 1).is_err());
+        assert!(decode(&[], 0).is_err(), "a ring has members");
+        assert!(decode(&[0.0; SLOTS], usize::MAX).is_err());
+    }
+
+    mod props {
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        prop_compose! {
+            fn any_holding()(
+                trained in any::<bool>(),
+                has_optimizer_state in any::<bool>(),
+                version in any::<u64>(),
+                epoch in any::<u64>(),
+                position in any::<u64>(),
+            ) -> Holding {
+                Holding {
+                    trained,
+                    version: ParamVersion(version),
+                    cursor: ShardCursor { epoch, position },
+                    has_optimizer_state,
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn any_holdings_arrive_exact(members in prop::collection::vec(any_holding(), 1..9)) {
+                prop_assert_eq!(super::exchange(&members), members);
+            }
+
+            #[test]
+            fn any_table_decodes_or_is_refused_without_panic(
+                bits in prop::collection::vec(any::<u32>(), 0..(3 * SLOTS)),
+                world in prop_oneof![0usize..4, any::<usize>()],
+            ) {
+                let table: Vec<f32> = bits.into_iter().map(f32::from_bits).collect();
+                if let Ok(members) = decode(&table, world) {
+                    prop_assert_eq!(members.len(), world);
+                    // What decodes re-encodes to the same table (no -0.0 or
+                    // NaN slipped through as a value).
+                    let mut again = vec![0f32; table.len()];
+                    for (rank, h) in members.iter().enumerate() {
+                        for (s, v) in again.iter_mut().zip(encode(h, rank, world)) {
+                            *s += v;
+                        }
+                    }
+                    let same = again.iter().zip(&table).all(|(a, b)| a.to_bits() == b.to_bits() || (*a == 0.0 && *b == 0.0));
+                    prop_assert!(same);
+                }
+            }
+
+            #[test]
+            fn the_plan_starts_from_the_newest_trained_version(members in prop::collection::vec(any_holding(), 1..9)) {
+                let newest = members.iter().filter(|h| h.trained).map(|h| h.version).max();
+                match plan(&members) {
+                    Plan::Fresh => prop_assert_eq!(newest, None),
+                    Plan::InSync { version } => {
+                        prop_assert!(members.iter().all(|h| h.trained && h.version == version));
+                    }
+                    Plan::Broadcast { source, from } => {
+                        prop_assert_eq!(Some(from.version), newest);
+                        prop_assert_eq!(members[source], from);
+                        prop_assert!(members[..source].iter().all(|h| !(h.trained && Some(h.version) == newest)));
+                    }
+                }
+            }
+        }
     }
 }

@@ -202,6 +202,7 @@ pub fn result_json(s: &pb::JobStatus) -> serde_json::Value {
         "loss": opt(s.loss.is_finite(), s.loss),
         "test_loss": opt(s.has_eval, s.test_loss),
         "checkpoint_dir": s.checkpoint_dir,
+        "skipped_steps": s.skipped_steps,
         "error": if s.error.is_empty() { serde_json::Value::Null } else { serde_json::json!(s.error) },
     })
 }
@@ -290,7 +291,10 @@ pub async fn watch_job(
         let Some(status) = event.status else { continue };
         if show {
             let line = progress_line(&status);
-            if event.kind == "eval" || event.kind == "state" || event.kind == "checkpoint" {
+            // A step event with a message is a skipped step: worth a line.
+            let noteworthy = matches!(event.kind.as_str(), "eval" | "state" | "checkpoint")
+                || (event.kind == "step" && !event.message.is_empty());
+            if noteworthy {
                 let _ = write!(stderr, "{}", if tty { "\r\x1b[2K" } else { "" });
                 let _ = writeln!(stderr, "{}: {}", event.kind, event.message);
             }
@@ -372,6 +376,12 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
                 println!(
                     "  test accuracy {:.4}, test loss {:.4}",
                     s.test_accuracy, s.test_loss
+                );
+            }
+            if s.skipped_steps > 0 {
+                println!(
+                    "  skipped steps: {} (non-finite gradient, on_nonfinite = \"skip_step\")",
+                    s.skipped_steps
                 );
             }
             if !s.error.is_empty() {

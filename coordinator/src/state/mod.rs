@@ -83,6 +83,7 @@ pub struct JobSnapshot {
     pub checkpoint_dir: String,
     pub generation: RingGeneration,
     pub submitted: SystemTime,
+    pub skipped_steps: u64,
 }
 
 /// Hashes and losses reported for one parameter version.
@@ -133,6 +134,8 @@ pub struct Job {
     pub regroup_until: Option<Instant>,
     /// The training curve (bounded; see [`ringtrain_common::curve::push_step`]).
     pub history: Vec<MetricRow>,
+    /// Steps every member skipped for a non-finite gradient (`on_nonfinite = "skip_step"`).
+    pub skipped_steps: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -175,6 +178,7 @@ impl Job {
             checkpoint_version: None,
             regroup_until: None,
             history: Vec::new(),
+            skipped_steps: 0,
         }
     }
 
@@ -207,6 +211,7 @@ impl Job {
             checkpoint_dir: self.checkpoint_dir.clone(),
             generation: self.generation,
             submitted: self.submitted,
+            skipped_steps: self.skipped_steps,
         }
     }
 

@@ -86,6 +86,10 @@ impl State {
                 job.samples_per_s = samples as f64 / secs;
             }
             job.tallies.retain(|&k, _| k > r.version);
+            if r.skipped_nonfinite {
+                job.skipped_steps += 1;
+                warn!(job = %job.id, step = r.version.0, skipped = job.skipped_steps, "non-finite gradient: every member skipped the step");
+            }
             let sps = job.samples_per_s;
             info!(job = %job.id, step = job.step.0, total = job.total_steps, epoch, workers = world, loss = format!("{loss:.4}"), samples_per_s = format!("{sps:.0}"), "step");
             curve::push_step(
@@ -124,7 +128,16 @@ impl State {
             }
         }
         if complete {
-            self.emit(r.job, EventKind::Step, String::new(), &mut fx);
+            // Every member skips alike (they hold the same reduced gradient).
+            let message = if r.skipped_nonfinite {
+                format!(
+                    "step {} skipped: non-finite gradient (on_nonfinite = \"skip_step\"; its batch counts as consumed)",
+                    r.version.0
+                )
+            } else {
+                String::new()
+            };
+            self.emit(r.job, EventKind::Step, message, &mut fx);
             self.persist(r.job, false, &mut fx);
         }
         if let Some(members) = grown {

@@ -85,6 +85,29 @@ impl Cluster {
         v: u64,
         hash: u64,
     ) -> Result<(StepVerdict, Effects), StateError> {
+        self.try_step_skipped(a, w, v, hash, false)
+    }
+
+    /// A step report whose step was (or was not) skipped for a non-finite gradient.
+    fn step_skipped(
+        &mut self,
+        a: &Assignment,
+        w: WorkerId,
+        v: u64,
+        hash: u64,
+        skipped_nonfinite: bool,
+    ) -> (StepVerdict, Effects) {
+        self.try_step_skipped(a, w, v, hash, skipped_nonfinite).unwrap()
+    }
+
+    fn try_step_skipped(
+        &mut self,
+        a: &Assignment,
+        w: WorkerId,
+        v: u64,
+        hash: u64,
+        skipped_nonfinite: bool,
+    ) -> Result<(StepVerdict, Effects), StateError> {
         let r = StepReport {
             worker: w,
             job: a.job,
@@ -98,6 +121,7 @@ impl Cluster {
             allreduce_seconds: 0.01,
             epoch: 0,
             total_steps: 5,
+            skipped_nonfinite,
         };
         self.st.report_step(self.now, &r)
     }
@@ -183,6 +207,25 @@ fn a_version_is_committed_once_every_member_reports_the_same_hash() {
     assert_eq!(fx.persist.len(), 1);
     assert!(!fx.persist[0].durable, "progress is written lazily");
     assert_eq!(c.st.job(JOB).unwrap().history.len(), 1);
+}
+
+#[test]
+fn a_step_every_member_skipped_is_counted_and_told_to_watchers() {
+    let (mut c, [(w1, a1), (w2, a2)]) = Cluster::running();
+    c.step(&a1, w1, 1, 7);
+    c.step(&a2, w2, 1, 7);
+    c.step_skipped(&a1, w1, 2, 7, true);
+    let (verdict, fx) = c.step_skipped(&a2, w2, 2, 7, true);
+    assert_eq!(verdict, StepVerdict::Continue, "a skipped step is a step");
+    assert_eq!(kinds(&fx), [EventKind::Step]);
+    assert_eq!(
+        fx.events[0].message,
+        "step 2 skipped: non-finite gradient (on_nonfinite = \"skip_step\"; its batch counts as consumed)"
+    );
+    let job = c.st.snapshot(JOB).unwrap();
+    assert_eq!((job.step, job.skipped_steps), (ParamVersion(2), 1));
+    let record = crate::convert::job_record(c.st.job(JOB).unwrap());
+    assert_eq!(record.skipped_steps, 1, "kept across a restart");
 }
 
 #[test]

@@ -149,6 +149,21 @@ pub fn clip_grad_norm(grads: &mut [f32], max_norm: f32) -> f32 {
     norm
 }
 
+/// True when every value is finite (no NaN, no ±Inf). Checked on the
+/// all-reduced gradient, which every replica holds bit for bit alike, so
+/// every replica gets the same answer.
+pub fn all_finite(x: &[f32]) -> bool {
+    // NaN and ±Inf are the values whose exponent bits are all set. A
+    // branch-free OR over a block vectorizes; blocks still end the scan
+    // early once one is found.
+    const EXPONENT: u32 = 0x7f80_0000;
+    x.chunks(4096).all(|block| {
+        block.iter().fold(0u32, |seen, v| {
+            seen | u32::from(v.to_bits() & EXPONENT == EXPONENT)
+        }) == 0
+    })
+}
+
 /// The L2 norm of `x`, summed in f64.
 fn l2_norm(x: &[f32]) -> f32 {
     const LANES: usize = 8;
@@ -171,6 +186,23 @@ fn l2_norm(x: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn all_finite_sees_every_nan_and_inf_and_nothing_else() {
+        let mut x = vec![1.5f32; 10_000];
+        x[17] = f32::MAX;
+        x[18] = f32::MIN_POSITIVE / 2.0; // subnormal: finite
+        x[19] = -0.0;
+        assert!(all_finite(&x));
+        assert!(all_finite(&[]));
+        for bad in [f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for at in [0, 4095, 4096, 9_999] {
+                let mut y = x.clone();
+                y[at] = bad;
+                assert!(!all_finite(&y), "{bad} at {at}");
+            }
+        }
+    }
 
     /// A spec as the job file's `[optimizer]` gives it, with its defaults.
     fn spec(kind: OptimizerKind, momentum: f64) -> OptimizerSpec {

@@ -16,6 +16,8 @@ pub struct StepFigures {
     pub step_s: f64,
     pub allreduce_bytes: usize,
     pub lr: f64,
+    /// The reduced gradient was not finite and the step was skipped.
+    pub skipped_nonfinite: bool,
 }
 
 pub struct Recorder {
@@ -42,6 +44,14 @@ impl Recorder {
             &l,
             1.0,
         );
+        if f.skipped_nonfinite {
+            m.inc(
+                "ringtrain_worker_steps_skipped_total",
+                "Training steps skipped on every replica for a non-finite (NaN or Inf) reduced gradient (on_nonfinite = \"skip_step\"); their samples count as processed.",
+                &l,
+                1.0,
+            );
+        }
         m.inc(
             "ringtrain_worker_samples_total",
             "Training samples processed by this worker.",

@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ringtrain_common::data_plan;
+use ringtrain_common::jobspec::OnNonFinite;
 use ringtrain_common::metrics::Metrics;
 use ringtrain_common::worker_api::{
     Assignment, CheckpointReport, EvalReport, FinishReport, RingFailureReport, StepReport,
@@ -91,6 +92,12 @@ pub enum TrainError {
     Optimizer(#[from] OptimError),
     #[error("stopped: {0}")]
     Stopped(&'static str),
+    #[error("non-finite gradient at step {step}: the all-reduced gradient holds a NaN or an Inf (on_nonfinite = \"fail\"; \"skip_step\" skips such steps)")]
+    NonFinite { step: u64 },
+    /// A panic in the training code (libtorch errors surface as panics in
+    /// parts of tch), with its message's first line.
+    #[error("trainer panicked: {0}")]
+    Panicked(String),
 }
 
 /// All-reduce step ids outside the training steps' range, so the sync,
@@ -130,6 +137,11 @@ pub fn report_failure(
 
 /// Runs one generation of the assignment and tells the coordinator how it
 /// ended: finished, failed for good, or left because the ring broke.
+///
+/// A panic in training is caught here and fails the job with its message;
+/// the worker lives on and takes new work. The ring stays connected until
+/// the failure is reported, so the neighbours see the job fail rather than
+/// a broken ring (which the coordinator would re-form, with this member).
 pub fn run_and_report(ctx: &TrainerContext) {
     let a = &ctx.assignment;
     let span = info_span!("job", id = %a.job, rank = a.rank.0, gen = a.generation.0);
@@ -138,7 +150,17 @@ pub fn run_and_report(ctx: &TrainerContext) {
         Some(s) if s.job == a.job => Some(s),
         _ => None,
     };
-    let result = run(ctx, &mut state);
+    let mut ring = None;
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run(ctx, &mut state, &mut ring)
+    }))
+    .unwrap_or_else(|payload| {
+        // A state left half-updated by the panic is not trained on again.
+        state = None;
+        Err(TrainError::Panicked(crate::panic_payload_message(
+            payload.as_ref(),
+        )))
+    });
     *lock(&ctx.abort) = None;
     let version = state.as_ref().map(|s| s.version).unwrap_or_default();
     let mut client = ctx.client.clone();
@@ -187,11 +209,59 @@ pub fn run_and_report(ctx: &TrainerContext) {
             report_failure(ctx, version, e.to_string());
         }
     }
+    drop(ring);
 }
 
-fn run(ctx: &TrainerContext, slot: &mut Option<TrainingState>) -> Result<(), TrainError> {
+/// libtorch intra-op threads for a spec's `threads`: more than the machine's
+/// cores only contend, and libtorch refuses what does not fit an i32.
+fn intra_op_threads(wanted: usize) -> i32 {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    i32::try_from(wanted.clamp(1, cores)).unwrap_or(1)
+}
+
+/// The longest ring timeout a worker uses: deadlines past it would overflow
+/// clocks, and a silent neighbour for a day is a dead one.
+const MAX_RING_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// A spec's `ring.timeout_s` as a duration, within (0, [`MAX_RING_TIMEOUT`]].
+fn ring_timeout(seconds: f64) -> Duration {
+    Duration::try_from_secs_f64(seconds)
+        .unwrap_or(MAX_RING_TIMEOUT)
+        .clamp(Duration::from_millis(1), MAX_RING_TIMEOUT)
+}
+
+/// Test-only fault injection: `RINGTRAIN_FAULT_INJECT=trainer_panic_at_step=N`
+/// makes this worker's trainer panic as it starts step N of any job. Every
+/// panic a job spec could reach is refused by the spec's validation, and a
+/// caught panic must still be tested end to end (tests/tests/robustness.rs).
+fn panic_at_step() -> Option<u64> {
+    static STEP: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *STEP.get_or_init(|| {
+        let value = std::env::var("RINGTRAIN_FAULT_INJECT").ok()?;
+        let step = value
+            .strip_prefix("trainer_panic_at_step=")
+            .and_then(|n| n.parse().ok());
+        match step {
+            Some(n) => warn!(
+                step = n,
+                "fault injection: the trainer will panic at this step"
+            ),
+            None => warn!(
+                value = %ringtrain_common::quote(&value),
+                "RINGTRAIN_FAULT_INJECT not understood (expected trainer_panic_at_step=N); ignored"
+            ),
+        }
+        step
+    })
+}
+
+fn run(
+    ctx: &TrainerContext,
+    slot: &mut Option<TrainingState>,
+    ring_slot: &mut Option<Ring>,
+) -> Result<(), TrainError> {
     let a = &ctx.assignment;
-    tch::set_num_threads(a.spec.threads as i32);
+    tch::set_num_threads(intra_op_threads(a.spec.threads));
     // TorchScript runs op by op, as eager PyTorch does: the graph executor's
     // profiling and fusion passes cost more than they gain on these CPU
     // steps (measured: the TorchScript CNN at 0.89x the built-in CNN's
@@ -219,13 +289,14 @@ fn run(ctx: &TrainerContext, slot: &mut Option<TrainingState>) -> Result<(), Tra
         options: RingOptions {
             transport: a.spec.ring.transport,
             encoding: a.spec.ring.encoding,
-            timeout: Duration::from_secs_f64(a.spec.ring.timeout_s),
+            timeout: ring_timeout(a.spec.ring.timeout_s),
             ..RingOptions::default()
         },
     };
-    let ring = ctx
-        .runtime
-        .block_on(Ring::connect(ring_spec, &ctx.endpoints))?;
+    let ring = ring_slot.insert(
+        ctx.runtime
+            .block_on(Ring::connect(ring_spec, &ctx.endpoints))?,
+    );
     *lock(&ctx.abort) = ring.abort_handle();
     if ctx.cancel.load(Ordering::SeqCst) {
         return Err(TrainError::Stopped("left before the ring formed"));
@@ -243,7 +314,7 @@ fn run(ctx: &TrainerContext, slot: &mut Option<TrainingState>) -> Result<(), Tra
 struct Trainer<'a> {
     ctx: &'a TrainerContext,
     client: WorkerControlClient<Channel>,
-    ring: Ring,
+    ring: &'a mut Ring,
     st: &'a mut TrainingState,
 }
 
@@ -415,6 +486,8 @@ impl Trainer<'_> {
         }
         let schedule = Schedule::new(&spec.schedule, spec.optimizer.lr, total);
         let clip = spec.optimizer.clip_grad_norm as f32;
+        let skip_nonfinite = spec.on_nonfinite == OnNonFinite::SkipStep;
+        let fault_step = panic_at_step();
         let mut perm_epoch = u64::MAX;
         let mut perm: Vec<u32> = Vec::new();
         let recorder = metrics::Recorder::new(&self.ctx.metrics, &self.ctx.assignment);
@@ -434,6 +507,15 @@ impl Trainer<'_> {
             let _g = span.enter();
             let started = Instant::now();
             let st = &mut *self.st;
+            let step = st.version.0 + 1;
+            if fault_step == Some(step) {
+                panic!("fault injection: RINGTRAIN_FAULT_INJECT=trainer_panic_at_step={step}");
+            }
+            // The forward pass updates running statistics (BatchNorm): a
+            // skipped step puts them back as they were, alike on every
+            // replica (they were averaged at the end of the last step).
+            let buffers_before = (skip_nonfinite && st.model.exact_buffer_len() > 0)
+                .then(|| st.model.exact_buffers());
             if perm_epoch != st.cursor.epoch {
                 perm =
                     data_plan::epoch_permutation(spec.seed, st.cursor.epoch, st.data.train.len());
@@ -462,10 +544,14 @@ impl Trainer<'_> {
             let fb_s = t_fb.elapsed().as_secs_f64() - data_s;
 
             let t_ar = Instant::now();
-            info_span!("allreduce").in_scope(|| {
+            let finite = info_span!("allreduce").in_scope(|| {
                 self.ring
                     .all_reduce(st.version.0, &mut grads, ReduceOp::Sum)?;
-                if !buffers.is_empty() {
+                // The reduced gradient is bit-identical on every replica (the
+                // owner of each chunk keeps exactly what it sends), so every
+                // replica takes the same branch from here on.
+                let finite = optim::all_finite(&grads);
+                if finite && !buffers.is_empty() {
                     // Running statistics: the replicas' mean, exact and alike.
                     st.model.buffers_to_flat(&mut buffers);
                     self.ring.all_reduce_exact(
@@ -475,21 +561,38 @@ impl Trainer<'_> {
                     )?;
                     st.model.flat_to_buffers(&buffers);
                 }
-                Ok::<_, RingError>(())
+                Ok::<_, RingError>(finite)
             })?;
             let ar_s = t_ar.elapsed().as_secs_f64();
+            if !finite {
+                if !skip_nonfinite {
+                    return Err(TrainError::NonFinite { step });
+                }
+                warn!(
+                    step,
+                    "non-finite gradient after the all-reduce: step skipped on every replica"
+                );
+                if let Some(before) = &buffers_before {
+                    st.model.set_exact_buffers(before)?;
+                }
+            }
 
             let t_opt = Instant::now();
             let lr = schedule.lr(st.version.0);
             let (hash, grad_norm) = info_span!("optimizer").in_scope(|| {
-                // Every replica holds the same reduced gradient, so the same norm.
-                let norm = (clip > 0.0).then(|| optim::clip_grad_norm(&mut grads, clip));
-                st.optimizer
-                    .step(&mut st.params, &grads, lr as f32, st.version.0 + 1);
-                st.model.flat_to_params(&st.params);
+                // A skipped step leaves parameters and optimizer state as they
+                // were; the version, the schedule and the step count `t`
+                // (AdamW's bias correction) still move on.
+                let norm = finite.then(|| {
+                    // Every replica holds the same reduced gradient, so the same norm.
+                    let norm = (clip > 0.0).then(|| optim::clip_grad_norm(&mut grads, clip));
+                    st.optimizer.step(&mut st.params, &grads, lr as f32, step);
+                    st.model.flat_to_params(&st.params);
+                    norm
+                });
                 let hash =
                     checkpoint::param_hash(&st.params) ^ st.model.state_hash().rotate_left(17);
-                (hash, norm)
+                (hash, norm.flatten())
             });
             let opt_s = t_opt.elapsed().as_secs_f64();
             st.version = st.version.next();
@@ -521,6 +624,7 @@ impl Trainer<'_> {
                 step_s,
                 allreduce_bytes: (grads.len() + buffers.len()) * 4,
                 lr,
+                skipped_nonfinite: !finite,
             });
 
             let a = &self.ctx.assignment;
@@ -537,6 +641,7 @@ impl Trainer<'_> {
                 allreduce_seconds: ar_s,
                 epoch: st.cursor.epoch,
                 total_steps: total,
+                skipped_nonfinite: !finite,
             };
             let version = st.version.0;
             let reply = self.call(
@@ -679,7 +784,129 @@ impl Trainer<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::micro_batches;
+    use ringtrain_common::wire::WireEncoding;
+    use ringtrain_common::{JobId, Rank, RingGeneration};
+
+    use super::{micro_batches, optim, ring_timeout, Duration, ReduceOp, Ring, MAX_RING_TIMEOUT};
+    use crate::ring::{tcp, RingEndpoints, RingOptions, RingSpec};
+
+    /// `world` members of a TCP ring in this process.
+    async fn ring_of(world: usize, encoding: WireEncoding) -> Vec<Ring> {
+        let mut endpoints = Vec::new();
+        let mut addrs = Vec::new();
+        for _ in 0..world {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            addrs.push(listener.local_addr().unwrap().to_string());
+            endpoints.push(RingEndpoints {
+                tcp: Some(tcp::TcpInbox::serve(listener, std::future::pending()).unwrap()),
+                grpc: None,
+            });
+        }
+        let options = RingOptions {
+            encoding,
+            // Small segments: the values cross many chunks and owners.
+            segment_elems: 16,
+            ..RingOptions::default()
+        };
+        let connects = endpoints.iter().enumerate().map(|(rank, e)| {
+            let spec = RingSpec {
+                job: JobId(1),
+                generation: RingGeneration(1),
+                rank: Rank(rank as u32),
+                members: addrs.clone(),
+                options: options.clone(),
+            };
+            Ring::connect(spec, e)
+        });
+        futures::future::try_join_all(connects).await.unwrap()
+    }
+
+    /// The non-finite check runs on the all-reduced gradient, which every
+    /// rank holds bit for bit alike (each chunk's owner keeps exactly what
+    /// it sends, rounded to the wire encoding): so every rank decides
+    /// alike, whichever rank's gradient held the NaN or the Inf, and also
+    /// when only the sum overflows, or only the f16 wire does.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_rank_sees_a_nonfinite_reduced_gradient_alike() {
+        const LEN: usize = 300;
+        let world = 3;
+        // (what goes where: (rank, index, value)), finite after the reduce?
+        let cases: [(&[(usize, usize, f32)], WireEncoding, bool); 7] = [
+            (&[], WireEncoding::F32, true),
+            (&[(1, 5, f32::NAN)], WireEncoding::F32, false),
+            (&[(2, 299, f32::NEG_INFINITY)], WireEncoding::Bf16, false),
+            (
+                &[(0, 100, f32::INFINITY), (2, 100, f32::NEG_INFINITY)],
+                WireEncoding::F32,
+                false,
+            ),
+            // Finite on every rank; the sum overflows f32.
+            (&[(0, 200, 3e38), (1, 200, 3e38)], WireEncoding::F32, false),
+            // Finite in f32, past f16's largest value (65504) on the wire.
+            (
+                &[(0, 42, 40_000.0), (1, 42, 40_000.0)],
+                WireEncoding::F16,
+                false,
+            ),
+            (&[(1, 42, 40_000.0)], WireEncoding::F16, true),
+        ];
+        for (poison, encoding, finite) in cases {
+            let rings = ring_of(world, encoding).await;
+            let inputs: Vec<Vec<f32>> = (0..world)
+                .map(|rank| {
+                    let mut g: Vec<f32> = (0..LEN).map(|i| (i + rank) as f32 * 0.01).collect();
+                    for &(r, at, v) in poison {
+                        if r == rank {
+                            g[at] = v;
+                        }
+                    }
+                    g
+                })
+                .collect();
+            let outs = tokio::task::spawn_blocking(move || {
+                let threads: Vec<_> = rings
+                    .into_iter()
+                    .zip(inputs)
+                    .map(|(mut ring, mut g)| {
+                        std::thread::spawn(move || {
+                            ring.all_reduce(1, &mut g, ReduceOp::Sum).unwrap();
+                            g
+                        })
+                    })
+                    .collect();
+                threads
+                    .into_iter()
+                    .map(|t| t.join().unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap();
+            let bits = |g: &[f32]| g.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            for (rank, g) in outs.iter().enumerate() {
+                assert_eq!(
+                    bits(g),
+                    bits(&outs[0]),
+                    "{poison:?} {encoding:?}: rank {rank} differs"
+                );
+                assert_eq!(
+                    optim::all_finite(g),
+                    finite,
+                    "{poison:?} {encoding:?} rank {rank}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn ring_timeouts_out_of_range_are_clamped_not_panics() {
+        assert_eq!(ring_timeout(10.0), Duration::from_secs(10));
+        assert_eq!(ring_timeout(1e300), MAX_RING_TIMEOUT);
+        assert_eq!(ring_timeout(f64::INFINITY), MAX_RING_TIMEOUT);
+        assert_eq!(ring_timeout(0.0), Duration::from_millis(1));
+        assert!(ring_timeout(f64::NAN) <= MAX_RING_TIMEOUT);
+        assert_eq!(super::intra_op_threads(0), 1);
+        assert!(super::intra_op_threads(usize::MAX) >= 1);
+    }
 
     #[test]
     fn micro_batches_cover_the_slice_in_order_and_balance() {
