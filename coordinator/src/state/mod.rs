@@ -27,6 +27,7 @@ use std::time::{Instant, SystemTime};
 
 use ringtrain_common::curve::MetricRow;
 use ringtrain_common::jobspec::JobSpec;
+use ringtrain_common::ring_key::RingKeys;
 use ringtrain_common::{JobId, JobState, ParamVersion, RingGeneration, WorkerId};
 
 pub use effects::{Effects, EventKind, JobEvent, Observation, PersistOp, ReportRequest};
@@ -245,6 +246,8 @@ pub struct State {
     pub workers: BTreeMap<WorkerId, Worker>,
     pub counters: Counters,
     pub timeouts: Timeouts,
+    /// Where each ring generation's key comes from (random per process).
+    pub ring_keys: RingKeys,
 }
 
 impl State {
@@ -255,6 +258,7 @@ impl State {
             workers: BTreeMap::new(),
             counters,
             timeouts,
+            ring_keys: RingKeys::random(),
         }
     }
 

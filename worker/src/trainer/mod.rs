@@ -216,6 +216,7 @@ fn run(ctx: &TrainerContext, slot: &mut Option<TrainingState>) -> Result<(), Tra
         generation: a.generation,
         rank: a.rank,
         members: a.members.clone(),
+        key: a.ring_key.clone(),
         options: RingOptions {
             transport: a.spec.ring.transport,
             encoding: a.spec.ring.encoding,
