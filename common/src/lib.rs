@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod paths;
 pub mod process;
 pub mod retry;
+pub mod ring_key;
 pub mod telemetry;
 pub mod testing;
 pub mod wire;

@@ -224,6 +224,15 @@ impl FrameHeader {
         })
     }
 
+    /// Decodes a header from any bytes a peer sent (the entry point for
+    /// fuzzing): exactly [`FrameHeader::LEN`] bytes, else an error.
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let b: &[u8; Self::LEN] = bytes
+            .try_into()
+            .map_err(|_| WireError::Truncated(bytes.len()))?;
+        Self::from_bytes(b)
+    }
+
     /// Refuses a frame that is not exactly the one expected next. Job and
     /// generation are checked first so the error names the fencing reason.
     pub fn check(&self, expected: &FrameHeader) -> Result<(), WireError> {
@@ -271,6 +280,10 @@ pub enum WireError {
     UnknownPhase(u32),
     #[error("unknown wire encoding {0}")]
     UnknownEncoding(u32),
+    #[error("frame {frame} piece {piece} failed authentication (tampered, replayed or reordered, or another ring's key)")]
+    Unauthentic { frame: u64, piece: u32 },
+    #[error("frame header of {0} bytes, expected 64")]
+    Truncated(usize),
     #[error("refused frame from {from_rank}: {field} {got}, expected {expected}")]
     Refused {
         field: &'static str,

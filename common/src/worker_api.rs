@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use crate::jobspec::JobSpec;
+use crate::ring_key::RingKey;
 use crate::{JobId, ParamVersion, Rank, RingGeneration, WorkerId};
 
 /// A worker introducing itself: where ring neighbours reach it.
@@ -30,6 +31,8 @@ pub struct Assignment {
     /// newest version among themselves first).
     pub resume_from: Option<PathBuf>,
     pub checkpoint_dir: PathBuf,
+    /// The ring's shared secret: members authenticate their links with it.
+    pub ring_key: RingKey,
 }
 
 /// One member's report of a completed step.

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use ringtrain_common::curve::MetricRow;
 use ringtrain_common::jobspec::JobSpec;
+use ringtrain_common::ring_key::RingKey;
 use ringtrain_common::worker_api::{
     Assignment, CheckpointReport, EvalReport, FinishReport, Registration, RingFailureReport,
     StepReport,
@@ -140,6 +141,7 @@ impl From<&Assignment> for pb::Assignment {
             resume_from: text(&a.resume_from),
             checkpoint_dir: a.checkpoint_dir.to_string_lossy().into_owned(),
             transport: a.spec.ring.transport.to_string(),
+            ring_key: a.ring_key.as_bytes().to_vec(),
         }
     }
 }
@@ -155,6 +157,7 @@ impl TryFrom<pb::Assignment> for Assignment {
             spec: field("spec_toml", JobSpec::parse(&a.spec_toml, &[]))?,
             resume_from: path(a.resume_from),
             checkpoint_dir: PathBuf::from(a.checkpoint_dir),
+            ring_key: field("ring_key", RingKey::from_slice(&a.ring_key))?,
         })
     }
 }

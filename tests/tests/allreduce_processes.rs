@@ -41,6 +41,7 @@ fn killing_a_rank_fails_its_neighbours_within_the_deadline() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut ranks = Supervisor::new(dir.path()).expect("supervisor");
     let peers = dir.path().join("peers.json");
+    let ring_key = "ab".repeat(32);
     for rank in 0..world {
         let (rank_arg, result) = (
             rank.to_string(),
@@ -64,6 +65,8 @@ fn killing_a_rank_fails_its_neighbours_within_the_deadline() {
             peers.to_str().expect("path"),
             "--result-file",
             result.to_str().expect("path"),
+            "--ring-key",
+            &ring_key,
         ];
         ranks
             .spawn(&format!("rank-{rank}"), &[], &ringtrain_bin(), &args)

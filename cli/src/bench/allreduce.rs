@@ -16,7 +16,8 @@ use ringtrain_common::process::Supervisor;
 use ringtrain_common::wire::WireEncoding;
 use ringtrain_common::{JobId, Rank, RingGeneration};
 use ringtrain_worker::ring::{
-    grpc, tcp, ReduceOp, Ring, RingEndpoints, RingOptions, RingSpec, TransportKind,
+    grpc, tcp, ReduceOp, Ring, RingEndpoints, RingKey, RingOptions, RingSecurity, RingSpec,
+    TransportKind,
 };
 
 #[derive(clap::Args, Clone)]
@@ -45,6 +46,9 @@ pub struct Args {
     /// Seconds a silent neighbour is tolerated.
     #[arg(long, default_value_t = 30)]
     timeout_s: u64,
+    /// Frame protection: aead, mac or none (the handshake runs in every mode).
+    #[arg(long, default_value_t = RingSecurity::default())]
+    security: RingSecurity,
 }
 
 #[derive(clap::Args, Clone)]
@@ -63,8 +67,23 @@ pub struct RankArgs {
     /// Written at the end: the timed repetitions' seconds (JSON list).
     #[arg(long)]
     result_file: PathBuf,
+    /// The ring's key, 64 hex digits (the parent makes a random one).
+    #[arg(long, value_parser = parse_ring_key)]
+    ring_key: RingKey,
     #[command(flatten)]
     common: Args,
+}
+
+fn parse_ring_key(s: &str) -> Result<RingKey, String> {
+    let bytes: Option<Vec<u8>> = (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect();
+    RingKey::from_slice(&bytes.ok_or("a ring key is 64 hex digits")?)
+}
+
+fn ring_key_hex(key: &RingKey) -> String {
+    key.as_bytes().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Args {
@@ -74,6 +93,7 @@ impl Args {
             encoding: self.encoding,
             segment_elems: (self.segment_kib * 1024 / 4).max(1),
             timeout: Duration::from_secs(self.timeout_s),
+            security: self.security,
         }
     }
 
@@ -87,6 +107,7 @@ impl Args {
             ("--encoding", format!("{:?}", self.encoding).to_lowercase()),
             ("--segment-kib", self.segment_kib.to_string()),
             ("--timeout-s", self.timeout_s.to_string()),
+            ("--security", self.security.to_string()),
         ]
         .into_iter()
         .flat_map(|(k, v)| [k.to_string(), v])
@@ -106,6 +127,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut ranks = Supervisor::new(dir.path())?;
     let peers_file = dir.path().join("peers.json");
     let result = |rank: usize| dir.path().join(format!("rank-{rank}.json"));
+    let ring_key = ring_key_hex(&RingKey::random());
     for rank in 0..args.world {
         let mut cli = vec![
             "bench".to_string(),
@@ -116,6 +138,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             peers_file.to_string_lossy().into_owned(),
             "--result-file".into(),
             result(rank).to_string_lossy().into_owned(),
+            "--ring-key".into(),
+            ring_key.clone(),
         ];
         cli.extend(args.as_cli());
         let cli: Vec<&str> = cli.iter().map(String::as_str).collect();
@@ -165,7 +189,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let algbw = bytes as f64 / median / 1e9;
     let w = args.world as f64;
     let line = serde_json::json!({
-        "impl": format!("ringtrain-{}", args.transport),
+        "impl": format!("ringtrain-{}-{}", args.transport, args.security),
         "world": args.world,
         "elements": args.elements,
         "bytes": bytes,
@@ -186,6 +210,7 @@ pub fn run_rank(args: RankArgs) -> anyhow::Result<()> {
         ready_file,
         peers_file,
         result_file,
+        ring_key,
         common: args,
     } = args;
     // The runtime drives the ring's servers and gRPC streams while this
@@ -194,7 +219,7 @@ pub fn run_rank(args: RankArgs) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let ring = rt.block_on(join_ring(rank, &args, &ready_file, &peers_file))?;
+    let ring = rt.block_on(join_ring(rank, &args, ring_key, &ready_file, &peers_file))?;
     let times = reps(ring, rank, &args, progress)?;
     write_atomically(&result_file, &serde_json::to_vec(&times)?)?;
     Ok(())
@@ -212,6 +237,7 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 async fn join_ring(
     rank: usize,
     args: &Args,
+    key: RingKey,
     ready_file: &Path,
     peers_file: &Path,
 ) -> anyhow::Result<Ring> {
@@ -255,6 +281,7 @@ async fn join_ring(
         generation: RingGeneration(1),
         rank: Rank(rank as u32),
         members,
+        key,
         options: args.ring_options(),
     };
     Ok(Ring::connect(spec, &endpoints).await?)

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use ringtrain_common::curve::MetricRow;
 use ringtrain_common::jobspec::JobSpec;
+use ringtrain_common::ring_key::RingKeys;
 use ringtrain_common::{JobId, JobState, ParamVersion, RingGeneration, WorkerId};
 
 pub use effects::{Effects, EventKind, JobEvent, Observation, PersistOp, ReportRequest};
@@ -294,6 +295,8 @@ pub struct State {
     pub counters: Counters,
     pub timeouts: Timeouts,
     pub limits: Limits,
+    /// Where each ring generation's key comes from (random per process).
+    pub ring_keys: RingKeys,
 }
 
 impl State {
@@ -305,6 +308,7 @@ impl State {
             counters,
             timeouts,
             limits: Limits::default(),
+            ring_keys: RingKeys::random(),
         }
     }
 

@@ -521,9 +521,15 @@ fn a_suspect_that_stays_silent_is_dropped_and_the_ring_re_formed() {
     let job = c.st.snapshot(JOB).unwrap();
     assert_eq!(job.state, JobState::Running);
     assert!(job.generation > a1.generation, "a new generation");
+    let old_key = a1.ring_key.clone();
     let a1 = c.assignment(w1).unwrap();
     let a3 = c.assignment(w3).unwrap();
     assert_eq!((a1.rank, a3.rank), (Rank(0), Rank(1)), "w3 took w2's place");
+    assert_eq!(a1.ring_key, a3.ring_key, "members share the ring's key");
+    assert_ne!(
+        a1.ring_key, old_key,
+        "a fenced member cannot authenticate to the new generation"
+    );
     assert_eq!(c.st.heartbeat(c.now, w2).0, HeartbeatReply::Unknown);
 }
 

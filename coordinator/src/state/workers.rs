@@ -132,6 +132,7 @@ impl State {
             spec: job.spec.clone(),
             resume_from: (!resume.is_empty()).then(|| PathBuf::from(resume)),
             checkpoint_dir: PathBuf::from(&job.checkpoint_dir),
+            ring_key: self.ring_keys.for_ring(job.id, job.generation),
         })
     }
 }

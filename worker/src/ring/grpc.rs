@@ -2,8 +2,11 @@
 //! per ring generation and sends [`RingFrame`]s on it; the receiver answers on
 //! the reverse stream only to explain a refusal.
 //!
-//! Payloads are `bytes::Bytes` and HTTP/2 windows are sized for megabyte
-//! segments. The engine's blocking threads drive the async halves through a
+//! The handshake (see [`super::secure`]) rides on the call: the hello in the
+//! request metadata, the acceptor's nonce and proof in the response
+//! metadata, the dialer's proof in the stream's first message. Payloads are
+//! sealed as on TCP. Payloads are `bytes::Bytes` and HTTP/2 windows are sized
+//! for megabyte segments. The engine's blocking threads drive the async halves through a
 //! runtime handle.
 
 use std::pin::Pin;
@@ -24,24 +27,47 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::inbox::{Inbox, LinkKey};
+use super::inbox::{Expectation, Inbox, InboxLimits, LinkKey, Unexpected};
+use super::secure::{
+    proof_matches, Hello, LinkCipher, RingKey, RingSecurity, Transcript, MAX_TAG_LEN, NONCE_LEN,
+    PIECE_BYTES, PROOF_LEN,
+};
+use super::tcp::check_hello;
 use super::transport::{FrameReceiver, FrameSender, LinkAbort, RingLinks};
-use super::{Peer, RingError, RingSpec, DIAL_BACKOFF};
+use super::{Peer, RingError, RingSpec, DIAL_BACKOFF, MAX_SEGMENT_BYTES};
 
-/// Large enough for any segment we send.
-pub const MAX_MESSAGE: usize = 256 << 20;
+/// Large enough for the largest sealed segment, and no larger: what one
+/// message from a peer can make us allocate.
+pub const MAX_MESSAGE: usize =
+    MAX_SEGMENT_BYTES + (MAX_SEGMENT_BYTES / PIECE_BYTES + 1) * MAX_TAG_LEN + 4096;
 /// HTTP/2 flow-control windows: several segments in flight per stream.
 pub const STREAM_WINDOW: u32 = 16 << 20;
 pub const CONNECTION_WINDOW: u32 = 32 << 20;
 
-const META_JOB: &str = "x-ringtrain-job";
-const META_GENERATION: &str = "x-ringtrain-generation";
-const META_RANK: &str = "x-ringtrain-rank";
+/// The dialer's [`Hello`], hex.
+const META_HELLO: &str = "x-ringtrain-hello";
+/// The acceptor's nonce then proof, hex.
+const META_CHALLENGE: &str = "x-ringtrain-challenge";
 
-/// An incoming stream from a left neighbour, waiting to be claimed.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect()
+}
+
+/// An incoming authenticated stream from a left neighbour, waiting to be claimed.
 pub struct GrpcInbound {
     frames: Streaming<RingFrame>,
     replies: mpsc::Sender<Result<RingReply, Status>>,
+    cipher: LinkCipher,
 }
 
 pub type GrpcInbox = Inbox<GrpcInbound>;
@@ -65,15 +91,14 @@ impl RingService {
     }
 }
 
-fn parse_meta<T: std::str::FromStr>(
-    req: &Request<Streaming<RingFrame>>,
-    key: &str,
-) -> Result<T, Status> {
-    req.metadata()
-        .get(key)
+fn hello_of(req: &Request<Streaming<RingFrame>>) -> Result<Hello, Status> {
+    let raw = req
+        .metadata()
+        .get(META_HELLO)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| Status::invalid_argument(format!("missing or bad metadata {key}")))
+        .and_then(unhex)
+        .ok_or_else(|| Status::invalid_argument(format!("missing or bad metadata {META_HELLO}")))?;
+    Hello::from_bytes(&raw).map_err(Status::invalid_argument)
 }
 
 #[tonic::async_trait]
@@ -84,21 +109,71 @@ impl RingRpc for RingService {
         &self,
         request: Request<Streaming<RingFrame>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
-        let job: String = parse_meta(&request, META_JOB)?;
-        let key = LinkKey {
-            job: job.parse::<JobId>().map_err(Status::invalid_argument)?,
-            generation: RingGeneration(parse_meta(&request, META_GENERATION)?),
-            from_rank: Rank(parse_meta(&request, META_RANK)?),
+        let from = request
+            .remote_addr()
+            .map_or_else(|| "an unknown address".to_string(), |a| a.to_string());
+        let refused = |status: Status| {
+            tracing::warn!(%from, reason = %status.message(), "refused ring stream");
+            status
         };
+        let slot = self.inbox.handshake_slot().ok_or_else(|| {
+            refused(Status::resource_exhausted(
+                "too many ring handshakes in progress",
+            ))
+        })?;
+        let deadline = tokio::time::Instant::now() + self.inbox.limits().handshake_timeout;
+        let hello = hello_of(&request).map_err(refused)?;
+        let key = hello.link_key();
+        let e = self
+            .inbox
+            .expectation(&key, deadline)
+            .await
+            .map_err(|why| {
+                refused(match why {
+                    Unexpected::NotYet(w) => Status::unavailable(w),
+                    Unexpected::Stale(w) => Status::failed_precondition(w),
+                })
+            })?;
+        check_hello(&hello, &e).map_err(|why| refused(Status::permission_denied(why)))?;
+        let nonce: [u8; NONCE_LEN] = rand::random();
+        let transcript = Transcript::new(&hello, &nonce);
+        let mut challenge = nonce.to_vec();
+        challenge.extend_from_slice(&transcript.acceptor_proof(&e.key));
         let (replies, reply_rx) = mpsc::channel(4);
-        let inbound = GrpcInbound {
-            frames: request.into_inner(),
-            replies,
-        };
-        self.inbox
-            .deliver(key, inbound)
-            .map_err(Status::failed_precondition)?;
-        Ok(Response::new(Box::pin(ReceiverStream::new(reply_rx))))
+        let mut frames = request.into_inner();
+        let inbox = self.inbox.clone();
+        // The dialer's proof comes as the first message: wait for it off the
+        // call, still holding the handshake slot and under the same deadline.
+        tokio::spawn(async move {
+            let first = tokio::time::timeout_at(deadline, frames.message()).await;
+            let why = match first {
+                Err(_) => "handshake not completed in time".to_string(),
+                Ok(Err(status)) => format!("reading proof: {}", status.message()),
+                Ok(Ok(None)) => "closed before its proof".to_string(),
+                Ok(Ok(Some(f))) if f.payload.is_empty() && proof_matches(&transcript.dialer_proof(&e.key), &f.proof) => {
+                    let cipher = LinkCipher::new(e.security, &transcript.session_key(&e.key));
+                    let inbound = GrpcInbound { frames, replies: replies.clone(), cipher };
+                    match inbox.deliver(key, inbound) {
+                        Ok(()) => return,
+                        Err(why) => why,
+                    }
+                }
+                Ok(Ok(Some(_))) => format!(
+                    "{} failed the handshake for generation {} of job {}: it does not hold this ring's key",
+                    key.from_rank, key.generation.0, key.job
+                ),
+            };
+            tracing::warn!(%from, reason = %why, "refused ring stream");
+            let _ = replies.try_send(Err(Status::permission_denied(why)));
+            drop(slot);
+        });
+        let mut response =
+            Response::new(Box::pin(ReceiverStream::new(reply_rx)) as Self::StreamStream);
+        let value = hex(&challenge)
+            .parse()
+            .map_err(|_| Status::internal("challenge metadata"))?;
+        response.metadata_mut().insert(META_CHALLENGE, value);
+        Ok(response)
     }
 }
 
@@ -108,7 +183,15 @@ pub fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Arc<GrpcInbox> {
-    let inbox = Arc::new(GrpcInbox::default());
+    serve_with(listener, InboxLimits::default(), shutdown)
+}
+
+pub fn serve_with(
+    listener: tokio::net::TcpListener,
+    limits: InboxLimits,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Arc<GrpcInbox> {
+    let inbox = Arc::new(GrpcInbox::new(limits));
     let svc = RingService::new(inbox.clone()).into_server();
     tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
@@ -160,40 +243,40 @@ async fn dial(right: &Peer, timeout: Duration) -> Result<Channel, RingError> {
 /// Opens the stream to the right neighbour and claims the left one's.
 pub async fn connect(spec: &RingSpec, inbox: &GrpcInbox) -> Result<RingLinks, RingError> {
     let timeout = spec.options.timeout;
+    let security = spec.options.security;
     let (left, right) = (spec.left(), spec.right());
     let (abort_tx, abort_rx) = watch::channel(false);
     let refusal = Arc::new(Mutex::new(None::<String>));
+    let key = LinkKey {
+        job: spec.job,
+        generation: spec.generation,
+        from_rank: spec.rank,
+    };
+    let left_key = LinkKey {
+        from_rank: left.rank,
+        ..key
+    };
+    let _expecting = inbox.expect(
+        left_key,
+        Expectation {
+            key: spec.key.clone(),
+            rank: spec.rank,
+            security,
+        },
+    );
 
     let open_right = async {
+        let deadline = tokio::time::Instant::now() + timeout;
         let channel = dial(&right, timeout).await?;
-        let mut client = RingClient::new(channel)
+        let client = RingClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
-        let (tx, rx) = mpsc::channel::<RingFrame>(4);
-        let mut req = Request::new(ReceiverStream::new(rx));
-        let meta = req.metadata_mut();
-        let bad = |e| RingError::Setup(format!("metadata: {e}"));
-        meta.insert(META_JOB, spec.job.to_string().parse().map_err(bad)?);
-        meta.insert(
-            META_GENERATION,
-            spec.generation.0.to_string().parse().map_err(bad)?,
-        );
-        meta.insert(META_RANK, spec.rank.0.to_string().parse().map_err(bad)?);
-        let replies = match tokio::time::timeout(timeout, client.stream(req)).await {
-            Err(_) => {
-                return Err(RingError::Timeout {
-                    peer: right.clone(),
-                    timeout,
-                    during: "opening the ring stream".into(),
-                })
+        let (tx, replies, cipher) = loop {
+            match open_stream(client.clone(), &right, key, &spec.key, security, deadline).await? {
+                Some(opened) => break opened,
+                // Not expected yet: the neighbour has not learned of this ring.
+                None => tokio::time::sleep(DIAL_BACKOFF.first).await,
             }
-            Ok(Err(status)) => {
-                return Err(RingError::Setup(format!(
-                    "{right} refused the link: {}",
-                    status.message()
-                )))
-            }
-            Ok(Ok(resp)) => resp.into_inner(),
         };
         // Remember why the neighbour closed the stream, if it says.
         let slot = refusal.clone();
@@ -206,16 +289,11 @@ pub async fn connect(spec: &RingSpec, inbox: &GrpcInbox) -> Result<RingLinks, Ri
             };
             *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
         });
-        Ok::<_, RingError>(tx)
+        Ok::<_, RingError>((tx, cipher))
     };
     let claim_left = async {
-        let key = LinkKey {
-            job: spec.job,
-            generation: spec.generation,
-            from_rank: left.rank,
-        };
         inbox
-            .claim(key, timeout)
+            .claim(left_key, timeout)
             .await
             .ok_or_else(|| RingError::Timeout {
                 peer: left.clone(),
@@ -223,11 +301,12 @@ pub async fn connect(spec: &RingSpec, inbox: &GrpcInbox) -> Result<RingLinks, Ri
                 during: "waiting for it to connect".into(),
             })
     };
-    let (tx, inbound) = tokio::try_join!(open_right, claim_left)?;
+    let ((tx, cipher), inbound) = tokio::try_join!(open_right, claim_left)?;
     let handle = Handle::current();
     Ok(RingLinks {
         sender: Box::new(GrpcSender {
             tx,
+            cipher,
             peer: right.clone(),
             timeout,
             handle: handle.clone(),
@@ -240,11 +319,82 @@ pub async fn connect(spec: &RingSpec, inbox: &GrpcInbox) -> Result<RingLinks, Ri
             timeout,
             handle,
             abort: abort_rx,
+            scratch: vec![0u8; PIECE_BYTES + MAX_TAG_LEN],
         }),
         left,
         right,
         abort: Arc::new(GrpcAbort(abort_tx)),
     })
+}
+
+type Opened = (mpsc::Sender<RingFrame>, Streaming<RingReply>, LinkCipher);
+
+/// One attempt at the stream and its handshake. `None`: the neighbour does
+/// not expect us yet (retry).
+async fn open_stream(
+    mut client: RingClient<Channel>,
+    right: &Peer,
+    key: LinkKey,
+    ring_key: &RingKey,
+    security: RingSecurity,
+    deadline: tokio::time::Instant,
+) -> Result<Option<Opened>, RingError> {
+    let timed_out = || RingError::Timeout {
+        peer: right.clone(),
+        timeout: deadline.saturating_duration_since(tokio::time::Instant::now()),
+        during: "opening the ring stream".into(),
+    };
+    let (tx, rx) = mpsc::channel::<RingFrame>(4);
+    let hello = Hello::new(key, right.rank, security);
+    let mut req = Request::new(ReceiverStream::new(rx));
+    let value = hex(&hello.to_bytes())
+        .parse()
+        .map_err(|e| RingError::Setup(format!("metadata: {e}")))?;
+    req.metadata_mut().insert(META_HELLO, value);
+    let resp = match tokio::time::timeout_at(deadline, client.stream(req)).await {
+        Err(_) => return Err(timed_out()),
+        Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+            if tokio::time::Instant::now() + DIAL_BACKOFF.first >= deadline {
+                return Err(timed_out());
+            }
+            return Ok(None);
+        }
+        Ok(Err(status)) => {
+            return Err(RingError::Setup(format!(
+                "{right} refused the link: {}",
+                status.message()
+            )))
+        }
+        Ok(Ok(resp)) => resp,
+    };
+    let challenge = resp
+        .metadata()
+        .get(META_CHALLENGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(unhex)
+        .filter(|c| c.len() == NONCE_LEN + PROOF_LEN)
+        .ok_or_else(|| RingError::Setup(format!("{right} sent no handshake challenge")))?;
+    let mut nonce = [0u8; NONCE_LEN];
+    nonce.copy_from_slice(&challenge[..NONCE_LEN]);
+    let transcript = Transcript::new(&hello, &nonce);
+    if !proof_matches(
+        &transcript.acceptor_proof(ring_key),
+        &challenge[NONCE_LEN..],
+    ) {
+        return Err(RingError::Setup(format!(
+            "{right} failed the handshake: it does not hold this ring's key"
+        )));
+    }
+    let proof = RingFrame {
+        proof: transcript.dialer_proof(ring_key).to_vec(),
+        ..RingFrame::default()
+    };
+    tx.send(proof).await.map_err(|_| RingError::Disconnected {
+        peer: right.clone(),
+        during: "handshaking".into(),
+    })?;
+    let cipher = LinkCipher::new(security, &transcript.session_key(ring_key));
+    Ok(Some((tx, resp.into_inner(), cipher)))
 }
 
 struct GrpcAbort(watch::Sender<bool>);
@@ -261,6 +411,7 @@ async fn aborted(mut rx: watch::Receiver<bool>) {
 
 struct GrpcSender {
     tx: mpsc::Sender<RingFrame>,
+    cipher: LinkCipher,
     peer: Peer,
     timeout: Duration,
     handle: Handle,
@@ -270,6 +421,7 @@ struct GrpcSender {
 
 impl FrameSender for GrpcSender {
     fn send(&mut self, h: &FrameHeader, payload: &[u8]) -> Result<(), RingError> {
+        let payload = seal(&mut self.cipher, h, payload);
         let frame = RingFrame {
             job_id: h.job.0,
             ring_generation: h.generation.0,
@@ -281,7 +433,8 @@ impl FrameSender for GrpcSender {
             elements: h.elements,
             encoding: h.encoding.as_u32(),
             from_rank: h.from_rank.0,
-            payload: Bytes::copy_from_slice(payload),
+            payload,
+            proof: Vec::new(),
         };
         let during = format!("sending step {} {} chunk {}", h.step, h.phase, h.chunk);
         let abort = self.abort.clone();
@@ -320,7 +473,32 @@ impl FrameSender for GrpcSender {
     }
 }
 
+/// The sealed body of one frame (pieces each followed by its tag), and on to
+/// the next frame.
+fn seal(cipher: &mut LinkCipher, h: &FrameHeader, payload: &[u8]) -> Bytes {
+    if !cipher.protects() {
+        cipher.next_frame();
+        return Bytes::copy_from_slice(payload);
+    }
+    let head = h.to_bytes();
+    let tag_len = cipher.tag_len();
+    let mut body = Vec::with_capacity(cipher.sealed_len(payload.len()));
+    for i in 0..cipher.pieces(payload.len()) {
+        let data = &payload
+            [(i * PIECE_BYTES).min(payload.len())..((i + 1) * PIECE_BYTES).min(payload.len())];
+        let at = body.len();
+        body.extend_from_slice(data);
+        body.resize(at + data.len() + tag_len, 0);
+        let (piece, tag) = body[at..].split_at_mut(data.len());
+        cipher.seal_in_place(&head, i as u32, piece, tag);
+    }
+    cipher.next_frame();
+    Bytes::from(body)
+}
+
 struct GrpcReceiver {
+    /// One sealed piece being checked.
+    scratch: Vec<u8>,
     inbound: GrpcInbound,
     peer: Peer,
     timeout: Duration,
@@ -387,15 +565,47 @@ impl FrameReceiver for GrpcReceiver {
                 source,
             });
         }
-        if frame.payload.len() != payload.len() {
+        let cipher = &mut self.inbound.cipher;
+        let sealed_len = cipher.sealed_len(payload.len());
+        if frame.payload.len() != sealed_len {
+            cipher.next_frame();
             return Err(RingError::Setup(format!(
                 "{} sent {} payload bytes, expected {}",
                 self.peer,
                 frame.payload.len(),
-                payload.len()
+                sealed_len
             )));
         }
-        payload.copy_from_slice(&frame.payload);
-        Ok(())
+        if !cipher.protects() {
+            cipher.next_frame();
+            payload.copy_from_slice(&frame.payload);
+            return Ok(());
+        }
+        let head = expected.to_bytes();
+        let tag_len = cipher.tag_len();
+        let mut opened = Ok(());
+        for i in 0..cipher.pieces(payload.len()) {
+            let start = (i * PIECE_BYTES).min(payload.len());
+            let end = ((i + 1) * PIECE_BYTES).min(payload.len());
+            let sealed_at = start + i * tag_len;
+            let n = end - start + tag_len;
+            let buf = &mut self.scratch[..n];
+            buf.copy_from_slice(&frame.payload[sealed_at..sealed_at + n]);
+            match cipher.open_in_place(&head, i as u32, buf) {
+                Ok(plain) => payload[start..end].copy_from_slice(plain),
+                Err(source) => {
+                    let _ = self.inbound.replies.try_send(Ok(RingReply {
+                        error: source.to_string(),
+                    }));
+                    opened = Err(RingError::Refused {
+                        peer: self.peer.clone(),
+                        source,
+                    });
+                    break;
+                }
+            }
+        }
+        cipher.next_frame();
+        opened
     }
 }

@@ -17,6 +17,7 @@ pub mod error;
 pub mod grpc;
 pub mod inbox;
 pub mod layout;
+pub mod secure;
 pub mod tcp;
 pub mod transport;
 
@@ -30,6 +31,7 @@ use ringtrain_common::{JobId, Rank, RingGeneration};
 pub use engine::ReduceOp;
 pub use error::RingError;
 pub use ringtrain_common::wire::TransportKind;
+pub use secure::{RingKey, RingSecurity};
 pub use transport::RingLinks;
 
 /// A ring neighbour as errors name it.
@@ -63,7 +65,13 @@ pub struct RingOptions {
     pub segment_elems: usize,
     /// A neighbour silent for this long fails the call.
     pub timeout: Duration,
+    /// How frames are protected (both ends must agree).
+    pub security: RingSecurity,
 }
+
+/// Largest segment a ring sends: bounds the frame (and gRPC message) a peer
+/// can make a member receive.
+pub const MAX_SEGMENT_BYTES: usize = 16 << 20;
 
 impl Default for RingOptions {
     fn default() -> Self {
@@ -72,6 +80,7 @@ impl Default for RingOptions {
             encoding: WireEncoding::F32,
             segment_elems: 128 * 1024,
             timeout: Duration::from_secs(10),
+            security: RingSecurity::default(),
         }
     }
 }
@@ -84,6 +93,9 @@ pub struct RingSpec {
     pub rank: Rank,
     /// Ring endpoints of every member, indexed by rank.
     pub members: Vec<String>,
+    /// The ring's shared secret, from the Assignment: neighbours prove they
+    /// hold it before a link carries anything.
+    pub key: RingKey,
     pub options: RingOptions,
 }
 
@@ -134,6 +146,13 @@ impl Ring {
                 "{} is outside a ring of {} members",
                 spec.rank,
                 spec.world()
+            )));
+        }
+        if spec.options.segment_elems == 0 || spec.options.segment_elems > MAX_SEGMENT_BYTES / 4 {
+            return Err(RingError::Setup(format!(
+                "segment of {} elements is outside 1..={}",
+                spec.options.segment_elems,
+                MAX_SEGMENT_BYTES / 4
             )));
         }
         let links = if spec.world() == 1 {

@@ -11,48 +11,42 @@ use std::time::Duration;
 
 use ringtrain_common::retry::{retry, GaveUp};
 use ringtrain_common::wire::FrameHeader;
-use ringtrain_common::{JobId, Rank, RingGeneration};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use super::inbox::{Inbox, LinkKey};
+use super::inbox::{Expectation, Inbox, InboxLimits, LinkKey, Unexpected};
+use super::secure::{
+    proof_matches, Hello, LinkCipher, RingKey, RingSecurity, Transcript, MAX_TAG_LEN, NONCE_LEN,
+    PIECE_BYTES, PROOF_LEN,
+};
 use super::transport::{FrameReceiver, FrameSender, LinkAbort, RingLinks};
 use super::{Peer, RingError, RingSpec, DIAL_BACKOFF};
 
-const HELLO_MAGIC: u32 = 0x5254_4831; // "RTH1"
-const HELLO_LEN: usize = 32;
 /// Socket buffer size. Bigger is slower here: data that waits long in a
 /// large kernel buffer has left the cache when the receiver copies it out.
 /// Measured on loopback, 100 MB, W=4: 8 MiB ~135 ms, kernel autotuning
 /// ~118 ms, 1 MiB ~110 ms (with 512 KiB segments ~107 ms).
 const SOCKET_BUFFER: usize = 1 << 20;
 
-fn hello(key: &LinkKey) -> [u8; HELLO_LEN] {
-    let mut b = [0u8; HELLO_LEN];
-    b[0..4].copy_from_slice(&HELLO_MAGIC.to_le_bytes());
-    b[4..8].copy_from_slice(&key.from_rank.0.to_le_bytes());
-    b[8..16].copy_from_slice(&key.job.0.to_le_bytes());
-    b[16..24].copy_from_slice(&key.generation.0.to_le_bytes());
-    b
+/// The acceptor's verdicts, one byte each; a refusal is followed by its
+/// reason (u16 length + UTF-8).
+const ACCEPTED: u8 = 0;
+const REFUSED: u8 = 1;
+/// Nobody expects the link yet: the dialer retries until its deadline.
+const NOT_YET: u8 = 2;
+/// Longest refusal reason a dialer reads.
+const MAX_REASON: usize = 512;
+
+/// An authenticated link parked until claimed.
+pub struct TcpInbound {
+    stream: TcpStream,
+    cipher: LinkCipher,
 }
 
-fn parse_hello(b: &[u8; HELLO_LEN]) -> Option<LinkKey> {
-    let word = |i: usize| {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(&b[i..i + 8]);
-        u64::from_le_bytes(w)
-    };
-    let magic = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-    (magic == HELLO_MAGIC).then(|| LinkKey {
-        from_rank: Rank(u32::from_le_bytes([b[4], b[5], b[6], b[7]])),
-        job: JobId(word(8)),
-        generation: RingGeneration(word(16)),
-    })
-}
-
-/// The local TCP ring endpoint: accepts neighbours and parks their links.
+/// The local TCP ring endpoint: accepts neighbours, handshakes them and
+/// parks their links.
 pub struct TcpInbox {
-    inbox: Inbox<TcpStream>,
+    pub(crate) inbox: Inbox<TcpInbound>,
     addr: std::net::SocketAddr,
 }
 
@@ -61,14 +55,27 @@ impl TcpInbox {
         self.addr
     }
 
+    /// Links parked and expectations registered now.
+    pub fn held(&self) -> (usize, usize) {
+        self.inbox.held()
+    }
+
     /// Starts accepting on an already-bound listener. The accept loop ends
     /// when `shutdown` resolves.
     pub fn serve(
         listener: TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<Arc<Self>> {
+        Self::serve_with(listener, InboxLimits::default(), shutdown)
+    }
+
+    pub fn serve_with(
+        listener: TcpListener,
+        limits: InboxLimits,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<Arc<Self>> {
         let me = Arc::new(Self {
-            inbox: Inbox::default(),
+            inbox: Inbox::new(limits),
             addr: listener.local_addr()?,
         });
         let inbox = me.clone();
@@ -79,11 +86,19 @@ impl TcpInbox {
                     _ = &mut shutdown => break,
                     accepted = listener.accept() => match accepted {
                         Ok((stream, from)) => {
+                            let Some(slot) = inbox.inbox.handshake_slot() else {
+                                tracing::warn!(%from, "refused ring connection: too many handshakes in progress");
+                                continue;
+                            };
                             let inbox = inbox.clone();
                             tokio::spawn(async move {
-                                if let Err(e) = inbox.handshake(stream).await {
-                                    tracing::warn!(%from, error = %e, "refused ring connection");
+                                let deadline = tokio::time::Instant::now() + inbox.inbox.limits().handshake_timeout;
+                                match tokio::time::timeout_at(deadline, inbox.handshake(stream, deadline)).await {
+                                    Ok(Ok(())) => {}
+                                    Ok(Err(e)) => tracing::warn!(%from, reason = %e, "refused ring connection"),
+                                    Err(_) => tracing::warn!(%from, reason = "handshake not completed in time", "refused ring connection"),
                                 }
+                                drop(slot);
                             });
                         }
                         Err(e) => tracing::warn!(error = %e, "ring listener accept failed"),
@@ -94,41 +109,93 @@ impl TcpInbox {
         Ok(me)
     }
 
-    async fn handshake(&self, mut stream: tokio::net::TcpStream) -> Result<(), String> {
-        let mut b = [0u8; HELLO_LEN];
-        tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut b))
+    /// The acceptor's side of the handshake (see [`super::secure`]). Every
+    /// way out but success drops the stream.
+    async fn handshake(
+        &self,
+        mut stream: tokio::net::TcpStream,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), String> {
+        let mut b = [0u8; Hello::LEN];
+        stream
+            .read_exact(&mut b)
             .await
-            .map_err(|_| "no hello within 10s".to_string())?
             .map_err(|e| format!("reading hello: {e}"))?;
-        let key = parse_hello(&b).ok_or("not a ringtrain hello")?;
-        let std_stream = stream
-            .into_std()
-            .map_err(|e| format!("detaching stream: {e}"))?;
-        let reply_to = std_stream
-            .try_clone()
-            .map_err(|e| format!("cloning stream: {e}"))?;
-        let verdict = self.inbox.deliver(key, std_stream);
-        // One status byte then, on refusal, the reason (u16 length + UTF-8).
-        let mut reply = reply_to;
-        reply
-            .set_nonblocking(false)
-            .map_err(|e| format!("socket mode: {e}"))?;
-        let msg = match &verdict {
-            Ok(()) => vec![0u8],
+        let hello = Hello::from_bytes(&b)?;
+        let key = hello.link_key();
+        let e = match self.inbox.expectation(&key, deadline).await {
+            Ok(e) => e,
             Err(why) => {
-                let why = why.as_bytes();
-                let len = why.len().min(u16::MAX as usize);
-                let mut m = vec![1u8];
-                m.extend_from_slice(&(len as u16).to_le_bytes());
-                m.extend_from_slice(&why[..len]);
-                m
+                let code = match why {
+                    Unexpected::NotYet(_) => NOT_YET,
+                    Unexpected::Stale(_) => REFUSED,
+                };
+                let _ = refuse(&mut stream, code, &why.to_string()).await;
+                return Err(why.to_string());
             }
         };
-        reply
-            .write_all(&msg)
-            .map_err(|e| format!("replying: {e}"))?;
-        verdict
+        if let Err(why) = check_hello(&hello, &e) {
+            let _ = refuse(&mut stream, REFUSED, &why).await;
+            return Err(why);
+        }
+        let nonce: [u8; NONCE_LEN] = rand::random();
+        let transcript = Transcript::new(&hello, &nonce);
+        let mut challenge = [0u8; 1 + NONCE_LEN + PROOF_LEN];
+        challenge[0] = ACCEPTED;
+        challenge[1..1 + NONCE_LEN].copy_from_slice(&nonce);
+        challenge[1 + NONCE_LEN..].copy_from_slice(&transcript.acceptor_proof(&e.key));
+        stream
+            .write_all(&challenge)
+            .await
+            .map_err(|e| format!("sending challenge: {e}"))?;
+        let mut proof = [0u8; PROOF_LEN];
+        stream
+            .read_exact(&mut proof)
+            .await
+            .map_err(|e| format!("reading proof: {e}"))?;
+        if !proof_matches(&transcript.dialer_proof(&e.key), &proof) {
+            let why = format!(
+                "{} failed the handshake for generation {} of job {}: it does not hold this ring's key",
+                key.from_rank, key.generation.0, key.job
+            );
+            let _ = refuse(&mut stream, REFUSED, &why).await;
+            return Err(why);
+        }
+        stream
+            .write_all(&[ACCEPTED])
+            .await
+            .map_err(|e| format!("accepting: {e}"))?;
+        let stream = stream
+            .into_std()
+            .map_err(|e| format!("detaching stream: {e}"))?;
+        let cipher = LinkCipher::new(e.security, &transcript.session_key(&e.key));
+        self.inbox.deliver(key, TcpInbound { stream, cipher })
     }
+}
+
+/// Refuses a hello addressed to someone else or speaking another mode.
+pub(crate) fn check_hello(hello: &Hello, e: &Expectation) -> Result<(), String> {
+    if hello.to_rank != e.rank {
+        return Err(format!(
+            "hello from {} is addressed to {}, but this is {}",
+            hello.from_rank, hello.to_rank, e.rank
+        ));
+    }
+    if hello.security != e.security {
+        return Err(format!(
+            "{} speaks ring security {}, this member {}",
+            hello.from_rank, hello.security, e.security
+        ));
+    }
+    Ok(())
+}
+
+async fn refuse(stream: &mut tokio::net::TcpStream, code: u8, why: &str) -> std::io::Result<()> {
+    let why = &why.as_bytes()[..why.len().min(MAX_REASON)];
+    let mut m = vec![code];
+    m.extend_from_slice(&(why.len() as u16).to_le_bytes());
+    m.extend_from_slice(why);
+    stream.write_all(&m).await
 }
 
 fn tune(stream: &TcpStream, timeout: Duration) -> std::io::Result<()> {
@@ -146,18 +213,27 @@ fn tune(stream: &TcpStream, timeout: Duration) -> std::io::Result<()> {
 /// Connects to the right neighbour and claims the left one's connection.
 pub async fn connect(spec: &RingSpec, inbox: &TcpInbox) -> Result<RingLinks, RingError> {
     let timeout = spec.options.timeout;
+    let security = spec.options.security;
     let (left, right) = (spec.left(), spec.right());
     let key = LinkKey {
         job: spec.job,
         generation: spec.generation,
         from_rank: spec.rank,
     };
-    let dial = dial_right(&right, key, timeout);
+    let left_key = LinkKey {
+        from_rank: left.rank,
+        ..key
+    };
+    let _expecting = inbox.inbox.expect(
+        left_key,
+        Expectation {
+            key: spec.key.clone(),
+            rank: spec.rank,
+            security,
+        },
+    );
+    let dial = dial_right(&right, key, &spec.key, security, timeout);
     let accept = async {
-        let left_key = LinkKey {
-            from_rank: left.rank,
-            ..key
-        };
         inbox
             .inbox
             .claim(left_key, timeout)
@@ -168,27 +244,35 @@ pub async fn connect(spec: &RingSpec, inbox: &TcpInbox) -> Result<RingLinks, Rin
                 during: "waiting for it to connect".into(),
             })
     };
-    let (to_right, from_left) = tokio::try_join!(dial, accept)?;
+    let ((to_right, send_cipher), from_left) = tokio::try_join!(dial, accept)?;
     let io = |peer: &Peer, e| RingError::io(peer, "setting up the link", timeout, e);
     tune(&to_right, timeout).map_err(|e| io(&right, e))?;
-    tune(&from_left, timeout).map_err(|e| io(&left, e))?;
+    tune(&from_left.stream, timeout).map_err(|e| io(&left, e))?;
     let abort = Arc::new(TcpAbort {
         streams: vec![
             to_right.try_clone().map_err(|e| io(&right, e))?,
-            from_left.try_clone().map_err(|e| io(&left, e))?,
+            from_left.stream.try_clone().map_err(|e| io(&left, e))?,
         ],
     });
+    let scratch = if send_cipher.encrypts() {
+        vec![0u8; PIECE_BYTES + MAX_TAG_LEN]
+    } else {
+        Vec::new()
+    };
     Ok(RingLinks {
         sender: Box::new(TcpSender {
             stream: to_right,
             peer: right.clone(),
             timeout,
+            cipher: send_cipher,
+            scratch,
         }),
         receiver: Box::new(TcpReceiver {
-            stream: from_left,
+            stream: from_left.stream,
+            cipher: from_left.cipher,
             peer: left.clone(),
             timeout,
-            piece: vec![0u32; PIECE_BYTES / 4],
+            piece: vec![0u32; (PIECE_BYTES + MAX_TAG_LEN) / 4],
         }),
         left,
         right,
@@ -196,47 +280,100 @@ pub async fn connect(spec: &RingSpec, inbox: &TcpInbox) -> Result<RingLinks, Rin
     })
 }
 
-async fn dial_right(right: &Peer, key: LinkKey, timeout: Duration) -> Result<TcpStream, RingError> {
+/// How one dial attempt ended, short of an I/O error.
+enum Dialed {
+    Linked(tokio::net::TcpStream, LinkCipher),
+    /// The neighbour does not expect us yet: try again.
+    NotYet(String),
+}
+
+async fn dial_right(
+    right: &Peer,
+    key: LinkKey,
+    ring_key: &RingKey,
+    security: RingSecurity,
+    timeout: Duration,
+) -> Result<(TcpStream, LinkCipher), RingError> {
     let deadline = tokio::time::Instant::now() + timeout;
-    // The neighbour may not be listening yet: retry until the deadline.
-    let mut stream = retry(
-        deadline,
-        DIAL_BACKOFF,
-        || tokio::net::TcpStream::connect(&right.addr),
-        |e| tracing::debug!(peer = %right, error = %e, "ring connect retry"),
-    )
-    .await
-    .map_err(|gave_up| match gave_up {
-        GaveUp::Failed(e) => RingError::io(right, "connecting", timeout, e),
-        GaveUp::Deadline => RingError::Timeout {
-            peer: right.clone(),
-            timeout,
-            during: "connecting".into(),
-        },
-    })?;
-    let exchange = async {
-        stream.write_all(&hello(&key)).await?;
-        let status = stream.read_u8().await?;
-        if status == 0 {
-            return Ok(Ok(()));
-        }
-        let len = stream.read_u16_le().await?;
-        let mut why = vec![0u8; usize::from(len)];
-        stream.read_exact(&mut why).await?;
-        Ok::<_, std::io::Error>(Err(String::from_utf8_lossy(&why).into_owned()))
+    let timed_out = |during: &str| RingError::Timeout {
+        peer: right.clone(),
+        timeout,
+        during: during.into(),
     };
-    match tokio::time::timeout_at(deadline, exchange).await {
-        Err(_) => Err(RingError::Timeout {
-            peer: right.clone(),
-            timeout,
-            during: "handshaking".into(),
-        }),
-        Ok(Err(e)) => Err(RingError::io(right, "handshaking", timeout, e)),
-        Ok(Ok(Err(why))) => Err(RingError::Setup(format!("{right} refused the link: {why}"))),
-        Ok(Ok(Ok(()))) => stream
-            .into_std()
-            .map_err(|e| RingError::io(right, "handshaking", timeout, e)),
+    loop {
+        // The neighbour may not be listening yet: retry until the deadline.
+        let stream = retry(
+            deadline,
+            DIAL_BACKOFF,
+            || tokio::net::TcpStream::connect(&right.addr),
+            |e| tracing::debug!(peer = %right, error = %e, "ring connect retry"),
+        )
+        .await
+        .map_err(|gave_up| match gave_up {
+            GaveUp::Failed(e) => RingError::io(right, "connecting", timeout, e),
+            GaveUp::Deadline => timed_out("connecting"),
+        })?;
+        let hello = Hello::new(key, right.rank, security);
+        match tokio::time::timeout_at(deadline, dial_handshake(stream, &hello, ring_key)).await {
+            Err(_) => return Err(timed_out("handshaking")),
+            Ok(Err(e)) => return Err(RingError::io(right, "handshaking", timeout, e)),
+            Ok(Ok(Err(why))) => {
+                return Err(RingError::Setup(format!("{right} refused the link: {why}")))
+            }
+            Ok(Ok(Ok(Dialed::Linked(stream, cipher)))) => {
+                let stream = stream
+                    .into_std()
+                    .map_err(|e| RingError::io(right, "handshaking", timeout, e))?;
+                return Ok((stream, cipher));
+            }
+            Ok(Ok(Ok(Dialed::NotYet(why)))) => {
+                tracing::debug!(peer = %right, reason = %why, "ring handshake retry");
+                if tokio::time::Instant::now() + DIAL_BACKOFF.first >= deadline {
+                    return Err(timed_out("waiting for it to expect us"));
+                }
+                tokio::time::sleep(DIAL_BACKOFF.first).await;
+            }
+        }
     }
+}
+
+/// The dialer's side of the handshake. `Ok(Err(why))`: refused for good.
+async fn dial_handshake(
+    mut stream: tokio::net::TcpStream,
+    hello: &Hello,
+    ring_key: &RingKey,
+) -> std::io::Result<Result<Dialed, String>> {
+    async fn reason(stream: &mut tokio::net::TcpStream) -> std::io::Result<String> {
+        let len = usize::from(stream.read_u16_le().await?).min(MAX_REASON);
+        let mut why = vec![0u8; len];
+        stream.read_exact(&mut why).await?;
+        Ok(String::from_utf8_lossy(&why).into_owned())
+    }
+    stream.write_all(&hello.to_bytes()).await?;
+    match stream.read_u8().await? {
+        ACCEPTED => {}
+        NOT_YET => return Ok(Ok(Dialed::NotYet(reason(&mut stream).await?))),
+        _ => return Ok(Err(reason(&mut stream).await?)),
+    }
+    let mut challenge = [0u8; NONCE_LEN + PROOF_LEN];
+    stream.read_exact(&mut challenge).await?;
+    let mut nonce = [0u8; NONCE_LEN];
+    nonce.copy_from_slice(&challenge[..NONCE_LEN]);
+    let transcript = Transcript::new(hello, &nonce);
+    if !proof_matches(
+        &transcript.acceptor_proof(ring_key),
+        &challenge[NONCE_LEN..],
+    ) {
+        return Ok(Err(
+            "it failed the handshake: it does not hold this ring's key".into(),
+        ));
+    }
+    stream.write_all(&transcript.dialer_proof(ring_key)).await?;
+    if stream.read_u8().await? != ACCEPTED {
+        return Ok(Err(reason(&mut stream).await?));
+    }
+    let cipher = LinkCipher::new(hello.security, &transcript.session_key(ring_key));
+    Ok(Ok(Dialed::Linked(stream, cipher)))
 }
 
 struct TcpAbort {
@@ -255,53 +392,98 @@ struct TcpSender {
     stream: TcpStream,
     peer: Peer,
     timeout: Duration,
+    cipher: LinkCipher,
+    /// A sealed piece and its tag, when sealing encrypts.
+    scratch: Vec<u8>,
 }
 
-impl FrameSender for TcpSender {
-    fn send(&mut self, header: &FrameHeader, payload: &[u8]) -> Result<(), RingError> {
-        let during = || {
-            format!(
-                "sending step {} {} chunk {}",
-                header.step, header.phase, header.chunk
-            )
-        };
-        // Header and payload in one writev, so the header never travels alone.
-        let head = header.to_bytes();
-        let total = head.len() + payload.len();
-        let mut sent = 0;
-        while sent < total {
-            let bufs = if sent < head.len() {
-                [IoSlice::new(&head[sent..]), IoSlice::new(payload)]
+/// Writes every byte of `bufs` (std's `write_all_vectored` is unstable).
+fn write_all_vectored(stream: &mut TcpStream, mut bufs: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match stream.write_vectored(bufs) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+impl TcpSender {
+    /// Header, then each piece followed by its tag. The header goes out with
+    /// the first piece, so it never travels alone.
+    fn send_sealed(
+        &mut self,
+        head: &[u8; FrameHeader::LEN],
+        payload: &[u8],
+    ) -> std::io::Result<()> {
+        let tag_len = self.cipher.tag_len();
+        let pieces = self.cipher.pieces(payload.len());
+        let mut tag = [0u8; MAX_TAG_LEN];
+        for i in 0..pieces {
+            let data = &payload
+                [(i * PIECE_BYTES).min(payload.len())..((i + 1) * PIECE_BYTES).min(payload.len())];
+            let first: &[u8] = if i == 0 { head } else { &[] };
+            if self.cipher.encrypts() {
+                let n = data.len();
+                let (body, t) = self.scratch.split_at_mut(n);
+                body.copy_from_slice(data);
+                self.cipher
+                    .seal_in_place(head, i as u32, body, &mut t[..tag_len]);
+                let sealed = &self.scratch[..n + tag_len];
+                write_all_vectored(
+                    &mut self.stream,
+                    &mut [IoSlice::new(first), IoSlice::new(sealed)],
+                )?;
             } else {
-                [
-                    IoSlice::new(&payload[sent - head.len()..]),
-                    IoSlice::new(&[]),
-                ]
-            };
-            match self.stream.write_vectored(&bufs) {
-                Ok(0) => {
-                    let e = std::io::Error::from(std::io::ErrorKind::WriteZero);
-                    return Err(RingError::io(&self.peer, during(), self.timeout, e));
-                }
-                Ok(n) => sent += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(RingError::io(&self.peer, during(), self.timeout, e)),
+                self.cipher.tag(head, i as u32, data, &mut tag[..tag_len]);
+                write_all_vectored(
+                    &mut self.stream,
+                    &mut [
+                        IoSlice::new(first),
+                        IoSlice::new(data),
+                        IoSlice::new(&tag[..tag_len]),
+                    ],
+                )?;
             }
         }
         Ok(())
     }
 }
 
-struct TcpReceiver {
-    stream: TcpStream,
-    peer: Peer,
-    timeout: Duration,
-    /// Small enough to stay in L1/L2 while the engine sums it.
-    piece: Vec<u32>,
+impl FrameSender for TcpSender {
+    fn send(&mut self, header: &FrameHeader, payload: &[u8]) -> Result<(), RingError> {
+        let head = header.to_bytes();
+        let sent = if self.cipher.protects() {
+            self.send_sealed(&head, payload)
+        } else {
+            // Header and payload in one writev, so the header never travels alone.
+            write_all_vectored(
+                &mut self.stream,
+                &mut [IoSlice::new(&head), IoSlice::new(payload)],
+            )
+        };
+        self.cipher.next_frame();
+        sent.map_err(|e| {
+            let during = format!(
+                "sending step {} {} chunk {}",
+                header.step, header.phase, header.chunk
+            );
+            RingError::io(&self.peer, during, self.timeout, e)
+        })
+    }
 }
 
-/// Bytes per piece handed to the engine while receiving.
-const PIECE_BYTES: usize = 64 * 1024;
+struct TcpReceiver {
+    stream: TcpStream,
+    cipher: LinkCipher,
+    peer: Peer,
+    timeout: Duration,
+    /// One sealed piece: small enough to stay in L1/L2 while the engine sums it.
+    piece: Vec<u32>,
+}
 
 impl TcpReceiver {
     fn during(expected: &FrameHeader) -> String {
@@ -311,18 +493,70 @@ impl TcpReceiver {
         )
     }
 
-    /// Reads and checks the header of the next frame.
-    fn header(&mut self, expected: &FrameHeader) -> Result<(), RingError> {
+    fn io(&self, expected: &FrameHeader, e: std::io::Error) -> RingError {
+        RingError::io(&self.peer, Self::during(expected), self.timeout, e)
+    }
+
+    fn refused(&self, source: ringtrain_common::wire::WireError) -> RingError {
+        RingError::Refused {
+            peer: self.peer.clone(),
+            source,
+        }
+    }
+
+    /// Reads and checks the header of the next frame: only the expected
+    /// frame's length is ever read, whatever a peer claims.
+    fn header(&mut self, expected: &FrameHeader) -> Result<[u8; FrameHeader::LEN], RingError> {
         let mut raw = [0u8; FrameHeader::LEN];
         self.stream
             .read_exact(&mut raw)
-            .map_err(|e| RingError::io(&self.peer, Self::during(expected), self.timeout, e))?;
-        let refused = |source| RingError::Refused {
-            peer: self.peer.clone(),
-            source,
+            .map_err(|e| self.io(expected, e))?;
+        let got = FrameHeader::from_bytes(&raw).map_err(|e| self.refused(e))?;
+        got.check(expected).map_err(|e| self.refused(e))?;
+        Ok(raw)
+    }
+
+    /// Hands each checked piece of the next frame to `sink`; nothing unchecked
+    /// reaches it.
+    fn recv_checked(
+        &mut self,
+        expected: &FrameHeader,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), RingError> {
+        let head = self.header(expected)?;
+        let total = expected.payload_bytes();
+        let tag_len = self.cipher.tag_len();
+        let pieces = if self.cipher.protects() {
+            self.cipher.pieces(total)
+        } else {
+            total.div_ceil(PIECE_BYTES)
         };
-        let got = FrameHeader::from_bytes(&raw).map_err(refused)?;
-        got.check(expected).map_err(refused)
+        let mut result = Ok(());
+        for i in 0..pieces {
+            let n = (total - (i * PIECE_BYTES).min(total)).min(PIECE_BYTES);
+            let buf = &mut bytemuck::cast_slice_mut::<u32, u8>(&mut self.piece)[..n + tag_len];
+            if let Err(e) = self.stream.read_exact(buf) {
+                result = Err(RingError::io(
+                    &self.peer,
+                    Self::during(expected),
+                    self.timeout,
+                    e,
+                ));
+                break;
+            }
+            match self.cipher.open_in_place(&head, i as u32, buf) {
+                Ok(plain) => sink(plain),
+                Err(e) => {
+                    result = Err(RingError::Refused {
+                        peer: self.peer.clone(),
+                        source: e,
+                    });
+                    break;
+                }
+            }
+        }
+        self.cipher.next_frame();
+        result
     }
 }
 
@@ -332,35 +566,23 @@ impl FrameReceiver for TcpReceiver {
         expected: &FrameHeader,
         sink: &mut dyn FnMut(&[u8]),
     ) -> Result<(), RingError> {
-        self.header(expected)?;
-        let mut left = expected.payload_bytes();
-        while left > 0 {
-            let n = left.min(PIECE_BYTES);
-            let piece = &mut bytemuck::cast_slice_mut::<u32, u8>(&mut self.piece)[..n];
-            self.stream
-                .read_exact(piece)
-                .map_err(|e| RingError::io(&self.peer, Self::during(expected), self.timeout, e))?;
-            sink(piece);
-            left -= n;
-        }
-        Ok(())
+        self.recv_checked(expected, sink)
     }
 
     fn recv(&mut self, expected: &FrameHeader, payload: &mut [u8]) -> Result<(), RingError> {
-        let during = || Self::during(expected);
-        let mut raw = [0u8; FrameHeader::LEN];
-        self.stream
-            .read_exact(&mut raw)
-            .map_err(|e| RingError::io(&self.peer, during(), self.timeout, e))?;
-        let refused = |source| RingError::Refused {
-            peer: self.peer.clone(),
-            source,
-        };
-        let got = FrameHeader::from_bytes(&raw).map_err(refused)?;
-        got.check(expected).map_err(refused)?;
-        debug_assert_eq!(got.payload_bytes(), payload.len());
-        self.stream
-            .read_exact(payload)
-            .map_err(|e| RingError::io(&self.peer, during(), self.timeout, e))
+        if !self.cipher.protects() {
+            // Straight into place: nothing to check.
+            self.header(expected)?;
+            debug_assert_eq!(expected.payload_bytes(), payload.len());
+            return self
+                .stream
+                .read_exact(payload)
+                .map_err(|e| self.io(expected, e));
+        }
+        let mut at = 0;
+        self.recv_checked(expected, &mut |piece| {
+            payload[at..at + piece.len()].copy_from_slice(piece);
+            at += piece.len();
+        })
     }
 }

@@ -13,21 +13,32 @@ struct Member {
 }
 
 async fn start_member(transport: TransportKind) -> Member {
+    start_member_with(transport, inbox::InboxLimits::default()).await
+}
+
+async fn start_member_with(transport: TransportKind, limits: inbox::InboxLimits) -> Member {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr").to_string();
     let endpoints = match transport {
         TransportKind::Tcp => RingEndpoints {
-            tcp: Some(tcp::TcpInbox::serve(listener, std::future::pending()).expect("serve")),
+            tcp: Some(
+                tcp::TcpInbox::serve_with(listener, limits, std::future::pending()).expect("serve"),
+            ),
             grpc: None,
         },
         TransportKind::Grpc => RingEndpoints {
             tcp: None,
-            grpc: Some(grpc::serve(listener, std::future::pending())),
+            grpc: Some(grpc::serve_with(listener, limits, std::future::pending())),
         },
     };
     Member { endpoints, addr }
+}
+
+/// The key every test ring shares.
+fn ring_key() -> RingKey {
+    RingKey([7u8; 32])
 }
 
 fn spec(rank: usize, members: &[String], generation: u64, options: &RingOptions) -> RingSpec {
@@ -36,6 +47,7 @@ fn spec(rank: usize, members: &[String], generation: u64, options: &RingOptions)
         generation: RingGeneration(generation),
         rank: Rank(rank as u32),
         members: members.to_vec(),
+        key: ring_key(),
         options: options.clone(),
     }
 }
@@ -90,10 +102,19 @@ fn input(rank: usize, len: usize) -> Vec<f32> {
         .collect()
 }
 
-async fn check_exact_sums(transport: TransportKind, worlds: &[usize], lens: &[usize]) {
+async fn check_exact_sums(
+    transport: TransportKind,
+    security: RingSecurity,
+    worlds: &[usize],
+    lens: &[usize],
+) {
     for &world in worlds {
         for &len in lens {
-            let rings = ring_of(world, &options(transport, 97)).await;
+            let opts = RingOptions {
+                security,
+                ..options(transport, 97)
+            };
+            let rings = ring_of(world, &opts).await;
             let inputs: Vec<_> = (0..world).map(|r| input(r, len)).collect();
             let expected: Vec<f32> = (0..len)
                 .map(|i| inputs.iter().map(|v| v[i]).sum())
@@ -107,7 +128,7 @@ async fn check_exact_sums(transport: TransportKind, worlds: &[usize], lens: &[us
                     out.unwrap_or_else(|e| panic!("world {world} len {len} rank {rank}: {e}"));
                 assert_eq!(
                     out, expected,
-                    "{transport} world {world} len {len} rank {rank}"
+                    "{transport} {security} world {world} len {len} rank {rank}"
                 );
             }
         }
@@ -118,15 +139,53 @@ async fn check_exact_sums(transport: TransportKind, worlds: &[usize], lens: &[us
 async fn tcp_sums_are_exact_for_every_world_size_and_odd_lengths() {
     check_exact_sums(
         TransportKind::Tcp,
+        RingSecurity::default(),
         &[1, 2, 3, 4, 5, 6, 7, 8],
         &[0, 1, 5, 1001, 20_011],
     )
     .await;
+    // Segments of several sealed pieces, in every mode.
+    for security in [RingSecurity::Aead, RingSecurity::Mac, RingSecurity::None] {
+        let opts = RingOptions {
+            security,
+            ..options(TransportKind::Tcp, 100_003)
+        };
+        check_ring(&opts, 3, 300_007).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_sums_are_exact_for_every_world_size_and_odd_lengths() {
-    check_exact_sums(TransportKind::Grpc, &[1, 2, 3, 5, 8], &[0, 3, 1001, 20_011]).await;
+    check_exact_sums(
+        TransportKind::Grpc,
+        RingSecurity::default(),
+        &[1, 2, 3, 5, 8],
+        &[0, 3, 1001, 20_011],
+    )
+    .await;
+    for security in [RingSecurity::Aead, RingSecurity::Mac, RingSecurity::None] {
+        let opts = RingOptions {
+            security,
+            ..options(TransportKind::Grpc, 100_003)
+        };
+        check_ring(&opts, 3, 300_007).await;
+    }
+}
+
+/// One all-reduce of `len` elements: every rank holds the exact sum.
+async fn check_ring(opts: &RingOptions, world: usize, len: usize) {
+    let rings = ring_of(world, opts).await;
+    let inputs: Vec<_> = (0..world).map(|r| input(r, len)).collect();
+    let expected: Vec<f32> = (0..len)
+        .map(|i| inputs.iter().map(|v| v[i]).sum())
+        .collect();
+    let outs = tokio::task::spawn_blocking(move || all_reduce_all(rings, inputs, ReduceOp::Sum))
+        .await
+        .expect("join");
+    for (rank, out) in outs.into_iter().enumerate() {
+        let out = out.unwrap_or_else(|e| panic!("{opts:?} rank {rank}: {e}"));
+        assert!(out == expected, "{opts:?} rank {rank}: wrong sum");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -201,70 +260,343 @@ async fn half_precision_wire_stays_within_tolerance_and_replicas_stay_identical(
     }
 }
 
-/// A neighbour that completes the TCP handshake for `key` and then sends one
-/// frame of the wrong generation.
-async fn rogue_tcp_neighbour(target: &str, hello_generation: u64, frame_generation: u64) {
+/// A dialer that speaks the TCP handshake with whatever hello and key it is
+/// given: an impostor, or (with the right key) a neighbour whose frames a
+/// test tampers with.
+struct Rogue {
+    stream: tokio::net::TcpStream,
+    cipher: secure::LinkCipher,
+}
+
+async fn rogue_dial(target: &str, hello: secure::Hello, key: &RingKey) -> Result<Rogue, String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(target)
+    async fn reason(s: &mut tokio::net::TcpStream) -> String {
+        let len = s.read_u16_le().await.unwrap_or(0);
+        let mut why = vec![0u8; usize::from(len)];
+        let _ = s.read_exact(&mut why).await;
+        String::from_utf8_lossy(&why).into_owned()
+    }
+    let io = |e: std::io::Error| format!("dropped: {e}");
+    let mut s = tokio::net::TcpStream::connect(target).await.map_err(io)?;
+    s.write_all(&hello.to_bytes()).await.map_err(io)?;
+    let status = s.read_u8().await.map_err(io)?;
+    if status != 0 {
+        return Err(format!("refused ({status}): {}", reason(&mut s).await));
+    }
+    let mut challenge = [0u8; secure::NONCE_LEN + secure::PROOF_LEN];
+    s.read_exact(&mut challenge).await.map_err(io)?;
+    let nonce: [u8; secure::NONCE_LEN] = challenge[..secure::NONCE_LEN].try_into().expect("nonce");
+    let t = secure::Transcript::new(&hello, &nonce);
+    // An impostor sends a proof whatever the acceptor proved.
+    s.write_all(&t.dialer_proof(key)).await.map_err(io)?;
+    let verdict = s.read_u8().await.map_err(io)?;
+    if verdict != 0 {
+        return Err(format!("refused ({verdict}): {}", reason(&mut s).await));
+    }
+    Ok(Rogue {
+        stream: s,
+        cipher: secure::LinkCipher::new(hello.security, &t.session_key(key)),
+    })
+}
+
+impl Rogue {
+    /// One sealed frame's bytes (payloads under one piece).
+    fn frame(&mut self, header: &ringtrain_common::wire::FrameHeader, payload: &[f32]) -> Vec<u8> {
+        let head = header.to_bytes();
+        let mut body = bytemuck::cast_slice::<f32, u8>(payload).to_vec();
+        assert!(body.len() <= secure::PIECE_BYTES);
+        let mut tag = vec![0u8; self.cipher.tag_len()];
+        self.cipher.seal_in_place(&head, 0, &mut body, &mut tag);
+        self.cipher.next_frame();
+        [&head[..], &body, &tag].concat()
+    }
+}
+
+fn hello(from: u32, generation: u64, to: u32, security: RingSecurity) -> secure::Hello {
+    secure::Hello::new(
+        inbox::LinkKey {
+            job: JobId(42),
+            generation: RingGeneration(generation),
+            from_rank: Rank(from),
+        },
+        Rank(to),
+        security,
+    )
+}
+
+async fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ready() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn tcp_inbox(m: &Member) -> std::sync::Arc<tcp::TcpInbox> {
+    m.endpoints.tcp.clone().expect("tcp endpoint")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_from_a_non_neighbour_another_generation_or_without_the_key_are_refused() {
+    let limits = inbox::InboxLimits {
+        max_pending: 32,
+        handshake_timeout: Duration::from_millis(500),
+    };
+    let mut members = Vec::new();
+    for _ in 0..3 {
+        members.push(start_member_with(TransportKind::Tcp, limits).await);
+    }
+    let addrs: Vec<String> = members.iter().map(|m| m.addr.clone()).collect();
+    let opts = options(TransportKind::Tcp, 97);
+    let connect = |rank: usize| {
+        let endpoints = members[rank].endpoints.clone();
+        let spec = spec(rank, &addrs, 1, &opts);
+        tokio::spawn(async move { Ring::connect(spec, &endpoints).await })
+    };
+    // Ranks 0 and 1 wait for their left neighbours; rank 2 (rank 0's left)
+    // comes only after the impostors had their go.
+    let (c0, c1) = (connect(0), connect(1));
+    let inbox0 = tcp_inbox(&members[0]);
+    wait_until("rank 0 to expect its left", || inbox0.held().1 == 1).await;
+    let security = RingSecurity::default();
+    let impostors = [
+        ("a non-neighbour", hello(1, 1, 0, security), ring_key()),
+        ("another generation", hello(2, 2, 0, security), ring_key()),
+        (
+            "a dialer without the key",
+            hello(2, 1, 0, security),
+            RingKey([9u8; 32]),
+        ),
+        (
+            "a hello for another rank",
+            hello(2, 1, 1, security),
+            ring_key(),
+        ),
+        (
+            "another security mode",
+            hello(2, 1, 0, RingSecurity::None),
+            ring_key(),
+        ),
+    ];
+    for (who, hello, key) in impostors {
+        let refused = rogue_dial(&addrs[0], hello, &key).await;
+        let why = refused
+            .err()
+            .unwrap_or_else(|| panic!("{who} was accepted"));
+        assert!(!why.is_empty(), "{who}");
+    }
+    assert_eq!(inbox0.held().0, 0, "nothing an impostor sent is parked");
+    let c2 = connect(2);
+    let rings: Vec<Ring> = [c0, c1, c2]
+        .into_iter()
+        .map(|c| async { c.await.expect("task").expect("ring connects") })
+        .collect::<futures::future::JoinAll<_>>()
+        .await;
+    let len = 5003;
+    let inputs: Vec<_> = (0..3).map(|r| input(r, len)).collect();
+    let expected: Vec<f32> = (0..len)
+        .map(|i| inputs.iter().map(|v| v[i]).sum())
+        .collect();
+    let outs = tokio::task::spawn_blocking(move || all_reduce_all(rings, inputs, ReduceOp::Sum))
         .await
-        .expect("connect");
-    let mut hello = [0u8; 32];
-    hello[0..4].copy_from_slice(&0x5254_4831u32.to_le_bytes());
-    hello[4..8].copy_from_slice(&1u32.to_le_bytes()); // rank 1 = left of rank 0 in a ring of 2
-    hello[8..16].copy_from_slice(&42u64.to_le_bytes());
-    hello[16..24].copy_from_slice(&hello_generation.to_le_bytes());
-    s.write_all(&hello).await.expect("hello");
-    assert_eq!(s.read_u8().await.expect("status"), 0, "handshake accepted");
-    let layout = layout::Layout::new(8, 2, 1024);
-    let seg = layout.segment(layout.recv_chunk(0, 0), 0);
+        .expect("join");
+    for out in outs {
+        assert_eq!(out.expect("all-reduce"), expected);
+    }
+}
+
+/// Rank 0 of a ring of 2 whose left (and right) neighbour rank 1 is played
+/// by the test: rank 1's listener expects rank 0 (its frames are never
+/// read; they fit in the socket buffers), and the rogue dials rank 0 with
+/// the ring's key.
+async fn ring_with_rogue_left(security: RingSecurity) -> (Ring, Rogue, tcp::TcpInbound) {
+    let me = start_member(TransportKind::Tcp).await;
+    let right = start_member(TransportKind::Tcp).await;
+    let addrs = vec![me.addr.clone(), right.addr.clone()];
+    let opts = RingOptions {
+        security,
+        ..options(TransportKind::Tcp, 1024)
+    };
+    let right_inbox = tcp_inbox(&right);
+    let right_key = inbox::LinkKey {
+        job: JobId(42),
+        generation: RingGeneration(1),
+        from_rank: Rank(0),
+    };
+    let expecting = right_inbox.inbox.expect(
+        right_key,
+        inbox::Expectation {
+            key: ring_key(),
+            rank: Rank(1),
+            security,
+        },
+    );
+    let endpoints = me.endpoints.clone();
+    let spec0 = spec(0, &addrs, 1, &opts);
+    let mine = tokio::spawn(async move { Ring::connect(spec0, &endpoints).await });
+    let inbox0 = tcp_inbox(&me);
+    wait_until("rank 0 to expect its left", || inbox0.held().1 == 1).await;
+    let rogue = rogue_dial(&me.addr, hello(1, 1, 0, security), &ring_key())
+        .await
+        .expect("the key holder is accepted");
+    let ring = mine.await.expect("task").expect("ring connects");
+    // Hold rank 0's link to the right open for the rest of the test.
+    let to_right = right_inbox
+        .inbox
+        .claim(right_key, Duration::from_secs(5))
+        .await
+        .expect("rank 0 dialled its right");
+    drop(expecting);
+    (ring, rogue, to_right)
+}
+
+/// The header of the frame rank 0 of a ring of 2 expects from rank 1 at
+/// ring step `t` of an all-reduce of 8 elements.
+fn frame_to_rank0(t: usize) -> (ringtrain_common::wire::FrameHeader, std::ops::Range<usize>) {
+    let l = layout::Layout::new(8, 2, 1024);
+    let chunk = l.recv_chunk(0, t);
+    let seg = l.segment(chunk, 0);
     let header = ringtrain_common::wire::FrameHeader {
         job: JobId(42),
-        generation: RingGeneration(frame_generation),
+        generation: RingGeneration(1),
         step: 7,
-        phase: ringtrain_common::wire::Phase::ReduceScatter,
-        ring_step: 0,
-        chunk: layout.recv_chunk(0, 0) as u32,
+        phase: if t == 0 {
+            ringtrain_common::wire::Phase::ReduceScatter
+        } else {
+            ringtrain_common::wire::Phase::AllGather
+        },
+        ring_step: t as u32,
+        chunk: chunk as u32,
         offset: seg.start as u64,
         elements: seg.len() as u32,
         encoding: WireEncoding::F32,
         from_rank: Rank(1),
     };
-    s.write_all(&header.to_bytes()).await.expect("header");
-    s.write_all(&vec![0u8; seg.len() * 4])
-        .await
-        .expect("payload");
-    // keep the socket open until the test ends
-    std::mem::forget(s);
+    (header, l.chunk(chunk))
+}
+
+fn all_reduce_ones(mut ring: Ring) -> (Ring, Result<(), RingError>, Vec<f32>) {
+    let mut data = vec![1.0f32; 8];
+    let r = ring.all_reduce(7, &mut data, ReduceOp::Sum);
+    (ring, r, data)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_frame_from_another_generation_is_refused_not_summed() {
-    let me = start_member(TransportKind::Tcp).await;
-    // Our right neighbour is a plain listener that accepts the hello.
-    let right = start_member(TransportKind::Tcp).await;
-    let addrs = vec![me.addr.clone(), right.addr.clone()];
-    let opts = options(TransportKind::Tcp, 1024);
-    let target = me.addr.clone();
-    tokio::spawn(async move { rogue_tcp_neighbour(&target, 2, 1).await });
-    // Our right neighbour's listener accepts (parks) our dial; the rogue is our left.
-    let mine = Ring::connect(spec(0, &addrs, 2, &opts), &me.endpoints).await;
-    let mut ring = mine.expect("ring connects");
-    let data = vec![1.0f32; 8];
-    let before = data.clone();
-    let (result, data) = tokio::task::spawn_blocking(move || {
-        let mut data = data;
-        let r = ring.all_reduce(7, &mut data, ReduceOp::Sum);
-        (r, data)
+async fn a_tampered_frame_is_an_error_and_is_not_summed() {
+    use tokio::io::AsyncWriteExt;
+    for security in [RingSecurity::Aead, RingSecurity::Mac] {
+        let (ring, mut rogue, _right) = ring_with_rogue_left(security).await;
+        let (header, chunk) = frame_to_rank0(0);
+        let mut bytes = rogue.frame(&header, &vec![2.0; header.elements as usize]);
+        bytes[ringtrain_common::wire::FrameHeader::LEN + 5] ^= 0x10;
+        rogue.stream.write_all(&bytes).await.expect("send");
+        let (_, result, data) = tokio::task::spawn_blocking(move || all_reduce_ones(ring))
+            .await
+            .expect("join");
+        let err = result.expect_err("tampered frame").to_string();
+        assert!(err.contains("failed authentication"), "{security}: {err}");
+        assert!(
+            err.contains("rank 1"),
+            "{security}: names the neighbour: {err}"
+        );
+        assert!(
+            data[chunk].iter().all(|&x| x == 1.0),
+            "{security}: nothing of the tampered frame was summed"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_frame_is_refused() {
+    use tokio::io::AsyncWriteExt;
+    for security in [RingSecurity::Aead, RingSecurity::Mac] {
+        let (ring, mut rogue, _right) = ring_with_rogue_left(security).await;
+        let (rs, rs_chunk) = frame_to_rank0(0);
+        let (ag, ag_chunk) = frame_to_rank0(1);
+        let first = rogue.frame(&rs, &vec![2.0; rs.elements as usize]);
+        let gather = rogue.frame(&ag, &vec![5.0; ag.elements as usize]);
+        rogue.stream.write_all(&first).await.expect("send");
+        rogue.stream.write_all(&gather).await.expect("send");
+        let (ring, result, data) = tokio::task::spawn_blocking(move || all_reduce_ones(ring))
+            .await
+            .expect("join");
+        result.expect("genuine frames are summed");
+        assert!(data[rs_chunk.clone()].iter().all(|&x| x == 3.0), "{data:?}");
+        assert!(data[ag_chunk].iter().all(|&x| x == 5.0), "{data:?}");
+        // The same step again: the first frame's bytes, replayed verbatim,
+        // have a valid header and a valid tag for an earlier position.
+        rogue.stream.write_all(&first).await.expect("send");
+        let (_, result, data) = tokio::task::spawn_blocking(move || all_reduce_ones(ring))
+            .await
+            .expect("join");
+        let err = result.expect_err("replay").to_string();
+        assert!(err.contains("failed authentication"), "{security}: {err}");
+        assert!(
+            data[rs_chunk].iter().all(|&x| x == 1.0),
+            "{security}: replay summed"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_stream_without_the_key_is_refused_and_not_parked() {
+    use ringtrain_proto::ring_client::RingClient;
+    use ringtrain_proto::RingFrame;
+    let me = start_member(TransportKind::Grpc).await;
+    let inbox = me.endpoints.grpc.clone().expect("grpc");
+    let security = RingSecurity::default();
+    let _expecting = inbox.expect(
+        inbox::LinkKey {
+            job: JobId(42),
+            generation: RingGeneration(1),
+            from_rank: Rank(1),
+        },
+        inbox::Expectation {
+            key: ring_key(),
+            rank: Rank(0),
+            security,
+        },
+    );
+    let mut client = RingClient::connect(format!("http://{}", me.addr))
+        .await
+        .expect("connect");
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    // Unexpected sender, bad metadata: refused at the call.
+    for (meta, code) in [
+        (
+            hex(&hello(0, 1, 0, security).to_bytes()),
+            tonic::Code::Unavailable,
+        ),
+        ("zz".to_string(), tonic::Code::InvalidArgument),
+    ] {
+        let (_tx, rx) = tokio::sync::mpsc::channel::<RingFrame>(1);
+        let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        req.metadata_mut()
+            .insert("x-ringtrain-hello", meta.parse().expect("ascii"));
+        let status = client.stream(req).await.expect_err("refused");
+        assert_eq!(status.code(), code, "{status:?}");
+    }
+    // The expected sender without the key: the call opens, the proof fails.
+    let (tx, rx) = tokio::sync::mpsc::channel::<RingFrame>(1);
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let h = hello(1, 1, 0, security);
+    req.metadata_mut().insert(
+        "x-ringtrain-hello",
+        hex(&h.to_bytes()).parse().expect("ascii"),
+    );
+    let mut replies = client.stream(req).await.expect("call opens").into_inner();
+    let nonce = rand::random();
+    let wrong = secure::Transcript::new(&h, &nonce).dialer_proof(&RingKey([9u8; 32]));
+    tx.send(RingFrame {
+        proof: wrong.to_vec(),
+        ..RingFrame::default()
     })
     .await
-    .expect("join");
-    let err = result.expect_err("stale frame must be refused").to_string();
-    assert!(err.contains("ring generation 1, expected 2"), "{err}");
-    assert!(err.contains("rank 1"), "error names the neighbour: {err}");
-    // Nothing of the refused frame was summed into our chunk.
-    let l = layout::Layout::new(8, 2, 1024);
-    let refused_chunk = l.chunk(l.recv_chunk(0, 0));
-    assert_eq!(&data[refused_chunk.clone()], &before[refused_chunk]);
+    .expect("send proof");
+    let status = replies.message().await.expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("key"), "{status:?}");
+    assert_eq!(inbox.held(), (0, 1), "nothing parked");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -277,10 +609,11 @@ async fn a_link_of_a_stale_generation_is_refused_at_handshake() {
         ..options(TransportKind::Tcp, 1024)
     };
     // Generation 3 is claimed at `me`...
-    let _ = tokio::join!(
+    let (a, b) = tokio::join!(
         Ring::connect(spec(0, &addrs, 3, &opts), &me.endpoints),
         Ring::connect(spec(1, &addrs, 3, &opts), &other.endpoints),
     );
+    a.and(b).expect("generation 3 forms");
     // ...so a member still on generation 2 is fenced off.
     let err = Ring::connect(spec(1, &addrs, 2, &opts), &other.endpoints)
         .await

@@ -286,6 +286,7 @@ fn run(
         generation: a.generation,
         rank: a.rank,
         members: a.members.clone(),
+        key: a.ring_key.clone(),
         options: RingOptions {
             transport: a.spec.ring.transport,
             encoding: a.spec.ring.encoding,
