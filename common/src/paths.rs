@@ -162,7 +162,7 @@ mod tests {
         std::fs::create_dir_all(&root).unwrap();
         std::fs::create_dir_all(tmp.path().join("secret")).unwrap();
         std::os::unix::fs::symlink(tmp.path().join("secret"), root.join("link")).unwrap();
-        let roots = resolve_roots(&[root.clone()]).unwrap();
+        let roots = resolve_roots(std::slice::from_ref(&root)).unwrap();
         let via_link = root.join("link/new-dir");
         let e = confine("checkpoint.dir", via_link.to_str().unwrap(), &roots).unwrap_err();
         assert!(matches!(
