@@ -831,8 +831,10 @@ mod tests {
     async fn every_rank_sees_a_nonfinite_reduced_gradient_alike() {
         const LEN: usize = 300;
         let world = 3;
-        // (what goes where: (rank, index, value)), finite after the reduce?
-        let cases: [(&[(usize, usize, f32)], WireEncoding, bool); 7] = [
+        /// Values put in the ranks' gradients: (rank, index, value).
+        type Poison = &'static [(usize, usize, f32)];
+        // (poison, wire encoding, finite after the reduce?)
+        let cases: [(Poison, WireEncoding, bool); 7] = [
             (&[], WireEncoding::F32, true),
             (&[(1, 5, f32::NAN)], WireEncoding::F32, false),
             (&[(2, 299, f32::NEG_INFINITY)], WireEncoding::Bf16, false),
