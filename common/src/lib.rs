@@ -12,6 +12,7 @@ pub mod local_cluster;
 pub mod metrics;
 pub mod process;
 pub mod retry;
+pub mod security;
 pub mod telemetry;
 pub mod testing;
 pub mod wire;
