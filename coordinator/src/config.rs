@@ -21,6 +21,12 @@ pub struct CoordinatorConfig {
     pub suspect_timeout_ms: u64,
     /// The largest model file a client may upload.
     pub max_model_bytes: u64,
+    /// TLS dir (`ringtrain certs init`): mutual TLS on every connection and
+    /// the client tokens of its `tokens.toml`. Empty: none.
+    pub tls_dir: String,
+    /// Serve in the clear, without client authentication (must be asked for
+    /// when there is no `tls_dir`).
+    pub insecure: bool,
 }
 
 impl Default for CoordinatorConfig {
@@ -33,6 +39,8 @@ impl Default for CoordinatorConfig {
             worker_timeout_ms: 3000,
             suspect_timeout_ms: 600,
             max_model_bytes: 512 << 20,
+            tls_dir: String::new(),
+            insecure: false,
         }
     }
 }

@@ -41,6 +41,7 @@ pub fn job_status(s: &JobSnapshot) -> pb::JobStatus {
             Some((_, loss)) if s.text => loss / std::f64::consts::LN_2,
             _ => 0.0,
         },
+        owner: s.owner.clone(),
     }
 }
 
@@ -81,6 +82,7 @@ pub fn job_record(job: &Job) -> JobRecord {
         epoch: job.epoch,
         loss: job.loss.is_finite().then_some(job.loss),
         eval: job.eval,
+        owner: job.owner.clone(),
     }
 }
 
@@ -97,6 +99,7 @@ pub fn job_from_record(r: &JobRecord) -> Result<Job, String> {
         r.checkpoint_dir.clone(),
         submitted,
     );
+    job.owner = r.owner.clone();
     job.state = r.state.parse()?;
     job.checkpoint_version = r.checkpoint_version.map(ParamVersion);
     job.error = r.error.clone();

@@ -15,6 +15,7 @@ use ringtrain_proto::convert::{parse_job, parse_worker, BadField};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
+use crate::access::{self, Security};
 use crate::config::CoordinatorConfig;
 use crate::convert;
 use crate::models;
@@ -35,6 +36,7 @@ struct Inner {
     outbox: Mutex<Outbox>,
     sinks: Sinks,
     config: CoordinatorConfig,
+    security: Security,
     /// Set at shutdown: open watch streams end with UNAVAILABLE.
     closing: watch::Sender<bool>,
 }
@@ -69,6 +71,16 @@ impl Coordinator {
         metrics: Metrics,
         store: Store,
     ) -> Result<Self, StoreError> {
+        Self::with_security(config, metrics, store, Security::open())
+    }
+
+    /// Like [`Coordinator::new`], checking callers as `security` says.
+    pub fn with_security(
+        config: CoordinatorConfig,
+        metrics: Metrics,
+        store: Store,
+        security: Security,
+    ) -> Result<Self, StoreError> {
         let (records, counters) = store.load()?;
         let timeouts = Timeouts {
             worker: config.worker_timeout(),
@@ -92,6 +104,7 @@ impl Coordinator {
                     reports: Default::default(),
                 },
                 config,
+                security,
                 closing: watch::channel(false).0,
             }),
         })
@@ -169,11 +182,18 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         &self,
         request: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let who = self.inner.security.client(&request)?;
         let req = request.into_inner();
         let spec = JobSpec::parse(&req.spec_toml, &[])
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let worker = self.read(|st, _| Ok(st.dry_run_target()))?;
-        models::check_submission(&self.inner.blobs, &spec, worker).await?;
+        models::check_submission(
+            &self.inner.blobs,
+            &spec,
+            worker,
+            &self.inner.security.transport,
+        )
+        .await?;
         let id = JobId::random();
         let checkpoint_dir = if spec.checkpoint.dir.is_empty() {
             let dir = self.inner.config.data_dir.join(id.to_string());
@@ -183,7 +203,15 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         };
         let (resume_from, submitted) = (req.resume_from, SystemTime::now());
         self.change(|st, now| {
-            let fx = st.submit(now, id, spec, resume_from, checkpoint_dir, submitted);
+            let fx = st.submit(
+                now,
+                id,
+                spec,
+                resume_from,
+                checkpoint_dir,
+                submitted,
+                who.name,
+            );
             Ok(((), fx))
         })
         .await?;
@@ -196,6 +224,7 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         &self,
         request: Request<tonic::Streaming<pb::FileChunk>>,
     ) -> Result<Response<pb::UploadModelResponse>, Status> {
+        self.inner.security.client(&request)?;
         let reply = models::upload(&self.inner.blobs, request.into_inner()).await?;
         Ok(Response::new(reply))
     }
@@ -204,7 +233,10 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::JobMetrics>, Status> {
+        let who = self.inner.security.client(&request)?;
         let id = parse_job(&request.into_inner().job_id).map_err(bad_request)?;
+        let owner = self.read(|st, _| st.snapshot(id))?.owner;
+        access::require_owner(&who, &owner, &id.to_string())?;
         let (mut rows, on_disk) = self.read(|st, _| st.history(id))?;
         // A job that ended before this coordinator started: its metrics.csv.
         if let Some(dir) = on_disk {
@@ -220,27 +252,48 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::JobStatus>, Status> {
+        let who = self.inner.security.client(&request)?;
         let id = parse_job(&request.into_inner().job_id).map_err(bad_request)?;
         let job = self.read(|st, _| st.snapshot(id))?;
+        access::require_owner(&who, &job.owner, &id.to_string())?;
         Ok(Response::new(convert::job_status(&job)))
     }
 
     async fn list_jobs(
         &self,
-        _request: Request<pb::ListJobsRequest>,
+        request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let who = self.inner.security.client(&request)?;
         let (jobs, workers) = self.read(|st, now| Ok((st.snapshots(), st.worker_views(now))))?;
-        Ok(Response::new(pb::ListJobsResponse {
-            jobs: jobs.iter().map(convert::job_status).collect(),
-            workers: workers.iter().map(convert::worker_status).collect(),
-        }))
+        let jobs = jobs
+            .iter()
+            .map(|j| {
+                let status = convert::job_status(j);
+                if who.owns(&j.owner) {
+                    status
+                } else {
+                    access::redact(status)
+                }
+            })
+            .collect();
+        // Which worker trains which job, and how fast, is for admins.
+        let workers = if who.is_admin() {
+            workers.iter().map(convert::worker_status).collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Response::new(pb::ListJobsResponse { jobs, workers }))
     }
 
     async fn cancel_job(
         &self,
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
+        let who = self.inner.security.client(&request)?;
         let id = parse_job(&request.into_inner().job_id).map_err(bad_request)?;
+        // A job's owner never changes: checked before the change, it holds.
+        let owner = self.read(|st, _| st.snapshot(id))?.owner;
+        access::require_owner(&who, &owner, &id.to_string())?;
         let job = self.change(|st, now| st.cancel(now, id)).await?;
         Ok(Response::new(pb::CancelJobResponse {
             job: Some(convert::job_status(&job)),
@@ -253,10 +306,12 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         &self,
         request: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let who = self.inner.security.client(&request)?;
         let id = parse_job(&request.into_inner().job_id).map_err(bad_request)?;
         let (first, rx) = {
             let st = lock(&self.inner.state);
             let job = st.snapshot(id).map_err(refused)?;
+            access::require_owner(&who, &job.owner, &id.to_string())?;
             // Subscribed while the state is locked: no event is missed or
             // seen twice around the snapshot (see `outbox`).
             let rx = (!job.state.is_terminal()).then(|| lock(&self.inner.outbox).subscribe(id));
@@ -281,6 +336,7 @@ impl pb::worker_control_server::WorkerControl for Coordinator {
         &self,
         request: Request<pb::RegisterWorkerRequest>,
     ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
+        self.inner.security.worker(&request)?;
         let registration = ringtrain_common::worker_api::Registration::from(request.into_inner());
         if registration.grpc_addr.is_empty() || registration.ring_addr.is_empty() {
             return Err(Status::invalid_argument(
@@ -302,6 +358,7 @@ impl pb::worker_control_server::WorkerControl for Coordinator {
         &self,
         request: Request<pb::FetchModelRequest>,
     ) -> Result<Response<Self::FetchModelStream>, Status> {
+        self.inner.security.worker(&request)?;
         let model = request.into_inner().model;
         Ok(Response::new(
             models::fetch(&self.inner.blobs, &model).await?,
@@ -312,6 +369,7 @@ impl pb::worker_control_server::WorkerControl for Coordinator {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        self.inner.security.worker(&request)?;
         let worker = parse_worker(&request.into_inner().worker_id).map_err(bad_request)?;
         let reply = self.change(|st, now| Ok(st.heartbeat(now, worker))).await?;
         Ok(Response::new(match reply {
@@ -330,6 +388,7 @@ impl pb::worker_control_server::WorkerControl for Coordinator {
         &self,
         request: Request<pb::StepReport>,
     ) -> Result<Response<pb::StepReply>, Status> {
+        self.inner.security.worker(&request)?;
         let r = parse(request)?;
         let verdict = self.change(|st, now| st.report_step(now, &r)).await?;
         Ok(Response::new(pb::StepReply {
@@ -341,6 +400,7 @@ impl pb::worker_control_server::WorkerControl for Coordinator {
         &self,
         request: Request<pb::EvalReport>,
     ) -> Result<Response<pb::Empty>, Status> {
+        self.inner.security.worker(&request)?;
         self.report(request, State::report_eval).await
     }
 
@@ -348,6 +408,7 @@ impl pb::worker_control_server::WorkerControl for Coordinator {
         &self,
         request: Request<pb::CheckpointReport>,
     ) -> Result<Response<pb::Empty>, Status> {
+        self.inner.security.worker(&request)?;
         self.report(request, State::report_checkpoint).await
     }
 
@@ -355,6 +416,7 @@ impl pb::worker_control_server::WorkerControl for Coordinator {
         &self,
         request: Request<pb::FinishReport>,
     ) -> Result<Response<pb::Empty>, Status> {
+        self.inner.security.worker(&request)?;
         self.report(request, State::report_finish).await
     }
 
@@ -362,6 +424,7 @@ impl pb::worker_control_server::WorkerControl for Coordinator {
         &self,
         request: Request<pb::RingFailureReport>,
     ) -> Result<Response<pb::Empty>, Status> {
+        self.inner.security.worker(&request)?;
         self.report(request, State::report_ring_failure).await
     }
 }

@@ -56,6 +56,9 @@ pub struct JobRecord {
     /// None before the first step (JSON has no NaN).
     pub loss: Option<f64>,
     pub eval: Option<(f64, f64)>,
+    /// The submitting principal (absent in stores written before tokens).
+    #[serde(default)]
+    pub owner: String,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -293,6 +296,7 @@ mod tests {
             epoch: 0,
             loss: Some(0.5),
             eval: Some((0.8, 0.4)),
+            owner: "alice".into(),
         }
     }
 

@@ -31,12 +31,26 @@ pub struct LocalArgs {
     /// Continue from a checkpoint directory.
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Run every process in the clear (default: mutual TLS with throwaway
+    /// certificates in RUN_DIR/tls).
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 /// A coordinator and `workers` workers of this very binary on loopback.
-pub fn start_cluster(run_dir: &Path, workers: usize) -> anyhow::Result<LocalCluster> {
+pub fn start_cluster(
+    run_dir: &Path,
+    workers: usize,
+    insecure: bool,
+) -> anyhow::Result<LocalCluster> {
     let program = std::env::current_exe().context("locating the ringtrain binary")?;
-    let options = ClusterOptions::loopback(program);
+    let options = ClusterOptions {
+        insecure,
+        ..ClusterOptions::loopback(program)
+    };
+    if insecure {
+        tracing::warn!("--insecure: the local cluster runs in the clear, without authentication");
+    }
     Ok(tokio::task::block_in_place(|| {
         LocalCluster::start(run_dir, workers, options)
     })?)
@@ -98,8 +112,8 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         spec.workers,
         run_dir.join("logs").display()
     );
-    let cluster = start_cluster(&run_dir, spec.workers)?;
-    let mut client = client::connect(&cluster.coordinator_url).await?;
+    let cluster = start_cluster(&run_dir, spec.workers, args.insecure)?;
+    let mut client = client::connect_cluster(&cluster).await?;
     let job = client::submit_spec(&mut client, &spec, args.resume.as_deref()).await?;
     eprintln!(
         "submitted job {job} ({} on {} workers)",

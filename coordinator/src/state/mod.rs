@@ -76,6 +76,7 @@ pub struct JobSnapshot {
     pub checkpoint_dir: String,
     pub generation: RingGeneration,
     pub submitted: SystemTime,
+    pub owner: String,
 }
 
 /// Hashes and losses reported for one parameter version.
@@ -98,6 +99,9 @@ pub struct Job {
     pub state: JobState,
     pub error: String,
     pub submitted: SystemTime,
+    /// The principal that submitted the job: only it (and admins) may see
+    /// all of it or cancel it.
+    pub owner: String,
     /// Ring members by rank.
     pub members: Vec<WorkerId>,
     pub generation: RingGeneration,
@@ -151,6 +155,7 @@ impl Job {
             state: JobState::Pending,
             error: String::new(),
             submitted,
+            owner: String::new(),
             members: Vec::new(),
             generation: RingGeneration(0),
             step: ParamVersion(0),
@@ -200,6 +205,7 @@ impl Job {
             checkpoint_dir: self.checkpoint_dir.clone(),
             generation: self.generation,
             submitted: self.submitted,
+            owner: self.owner.clone(),
         }
     }
 

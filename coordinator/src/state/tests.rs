@@ -62,6 +62,7 @@ impl Cluster {
             String::new(),
             "/ckpt".into(),
             SystemTime::now(),
+            "alice".into(),
         )
     }
 
