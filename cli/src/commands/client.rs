@@ -163,6 +163,7 @@ pub async fn connect_with(
     let endpoint = transport
         .endpoint(url, CertRole::Client, Some(CertRole::Coordinator))?
         .connect_timeout(Duration::from_secs(5));
+    INSECURE.store(!transport.is_tls(), std::sync::atomic::Ordering::Relaxed);
     let channel = endpoint.connect().await.map_err(|e| {
         let cause = innermost(&e);
         // A TLS server hangs up on a plaintext client: say what probably happened.
@@ -181,7 +182,22 @@ pub async fn connect_with(
     Ok(CoordinatorClient::with_interceptor(channel, Bearer(header)))
 }
 
+/// Set when this client connects in the clear (for the hint below).
+static INSECURE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn status_error(e: tonic::Status) -> anyhow::Error {
+    // A TLS server hangs up on a plaintext client's first call.
+    let transport_failed = matches!(
+        e.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal
+    ) && (e.message().contains("h2 protocol error")
+        || e.message().contains("transport error"));
+    if transport_failed && INSECURE.load(std::sync::atomic::Ordering::Relaxed) {
+        return anyhow!(
+            "{} (if the coordinator serves TLS, pass --tls-dir instead of --insecure)",
+            e.message()
+        );
+    }
     anyhow!("{}", e.message())
 }
 
