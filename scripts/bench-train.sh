@@ -3,6 +3,9 @@
 # shared/bench/peers/ddp_train.py) and ringtrain on the same workload, in one
 # run on this machine, then the ratio ringtrain/DDP of samples per second.
 # Usage: scripts/bench-train.sh [WORLD] [STEPS] [MODEL] [BATCH]   (ROUNDS, default 3)
+# With COMPARE=insecure it measures the cost of security instead: ringtrain
+# with mutual TLS (the default) against ringtrain --insecure, alternated, and
+# prints the ratio mtls/insecure of the medians.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -16,6 +19,25 @@ batch=${4:-64}
 peers=${RINGTRAIN_PEERS:-../shared/bench/peers}
 rounds=${ROUNDS:-3}
 lines=()
+if [ "${COMPARE:-ddp}" = insecure ]; then
+  for r in $(seq "$rounds"); do
+    for mode in "" --insecure; do
+      line=$(target/release/ringtrain bench train --world "$world" --model "$model" --batch "$batch" --steps "$steps" $mode | tail -n 1)
+      echo "$line"
+      lines+=("$line")
+    done
+  done
+  exec python3 - "${lines[@]}" <<'PY'
+import json, statistics, sys
+rows = [json.loads(a) for a in sys.argv[1:]]
+tls = [r["samples_per_s"] for r in rows if r["security"] == "mtls"]
+plain = [r["samples_per_s"] for r in rows if r["security"] == "insecure"]
+t, p = statistics.median(tls), statistics.median(plain)
+r0 = rows[0]
+print(f"world={r0['world']} model={r0['model']} batch={r0['batch_per_rank']} rounds={len(tls)}: "
+      f"mtls median {t:.1f} samples/s, insecure median {p:.1f} samples/s, mtls/insecure = {t / p:.3f}x")
+PY
+fi
 # Alternate the two, ROUNDS times: one run on a noisy machine says little, so
 # the ratio printed is of the median samples/s over the rounds.
 for r in $(seq "$rounds"); do

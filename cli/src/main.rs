@@ -8,7 +8,7 @@ mod settings;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use commands::{client, generate, health, local, plot, serve};
+use commands::{certs, client, generate, health, local, plot, serve};
 use ringtrain_common::telemetry::{self, LogFormat};
 
 #[derive(Parser)]
@@ -52,6 +52,9 @@ enum Command {
     Health(health::HealthArgs),
     /// Run a job on a coordinator and N workers started here on loopback.
     Local(local::LocalArgs),
+    /// Make the certificates and tokens of a cluster (mutual TLS).
+    #[command(subcommand)]
+    Certs(certs::CertsCommand),
     /// Benchmarks of the data plane and of training.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -82,6 +85,7 @@ fn main() -> ExitCode {
         Command::Health(a) => runtime().and_then(|rt| rt.block_on(health::run(a))),
         Command::Generate(a) => generate::run(a),
         Command::Local(a) => runtime().and_then(|rt| rt.block_on(local::run(a))),
+        Command::Certs(cmd) => certs::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
     };
     match result {

@@ -14,6 +14,7 @@ pub mod paths;
 pub mod process;
 pub mod retry;
 pub mod ring_key;
+pub mod security;
 pub mod telemetry;
 pub mod testing;
 pub mod wire;

@@ -23,6 +23,9 @@ pub struct ClusterOptions {
     pub data_roots: Vec<PathBuf>,
     /// The coordinator's checkpoint root (None: its data dir).
     pub checkpoint_root: Option<PathBuf>,
+    /// Run in the clear; otherwise (the default) certificates are made in
+    /// `RUN_DIR/tls` and everything speaks mutual TLS.
+    pub insecure: bool,
 }
 
 impl ClusterOptions {
@@ -34,6 +37,7 @@ impl ClusterOptions {
             advertise: "127.0.0.1".into(),
             data_roots: Vec::new(),
             checkpoint_root: None,
+            insecure: false,
         }
     }
 }
@@ -43,8 +47,10 @@ pub struct LocalCluster {
     options: ClusterOptions,
     /// The coordinator's data dir: its job store and default checkpoints.
     pub data_dir: PathBuf,
-    /// `http://127.0.0.1:PORT`.
+    /// `https://127.0.0.1:PORT` (`http://` when insecure).
     pub coordinator_url: String,
+    /// The throwaway TLS dir every process uses (None when insecure).
+    pub tls_dir: Option<PathBuf>,
     workers_started: usize,
 }
 
@@ -60,11 +66,29 @@ impl LocalCluster {
         workers: usize,
         options: ClusterOptions,
     ) -> Result<Self, ProcessError> {
+        let tls_dir = if options.insecure {
+            None
+        } else {
+            let dir = run_dir.join("tls");
+            let hosts: Vec<String> = [&options.listen_ip, &options.advertise]
+                .into_iter()
+                .filter(|h| !h.is_empty() && h.as_str() != "0.0.0.0")
+                .cloned()
+                .collect();
+            crate::security::certs::init(&dir, &hosts, true).map_err(|e| {
+                ProcessError::Io(
+                    format!("making certificates in {}", dir.display()),
+                    std::io::Error::other(e),
+                )
+            })?;
+            Some(dir)
+        };
         let mut cluster = Self {
             procs: Supervisor::new(&run_dir.join("logs"))?,
             options,
             data_dir: run_dir.to_path_buf(),
             coordinator_url: String::new(),
+            tls_dir,
             workers_started: 0,
         };
         let listen = format!("{}:0", cluster.options.listen_ip);
@@ -78,9 +102,26 @@ impl LocalCluster {
         Ok(cluster)
     }
 
+    /// `--tls-dir DIR`, or `--insecure`.
+    pub fn security_args(&self) -> Vec<String> {
+        match &self.tls_dir {
+            Some(dir) => vec!["--tls-dir".into(), text(dir)],
+            None => vec!["--insecure".into()],
+        }
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls_dir.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     fn start_coordinator(&mut self, listen: &str) -> Result<(), ProcessError> {
         let data = text(&self.data_dir);
         let program = self.options.program.clone();
+        let security = self.security_args();
         let mut args: Vec<String> = [
             "coordinator",
             "--listen",
@@ -98,6 +139,7 @@ impl LocalCluster {
         if let Some(root) = &self.options.checkpoint_root {
             args.extend(["--checkpoint-root".to_string(), text(root)]);
         }
+        args.extend(security);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.procs.spawn("coordinator", &[], &program, &args)?;
         let ready = self.procs.wait_ready("coordinator", READY_TIMEOUT)?;
@@ -109,7 +151,7 @@ impl LocalCluster {
                 path: text(&self.procs.dir().join("coordinator.ready")),
                 message: "no gRPC address".into(),
             })?;
-        self.coordinator_url = format!("http://127.0.0.1:{port}");
+        self.coordinator_url = format!("{}://127.0.0.1:{port}", self.scheme());
         Ok(())
     }
 
@@ -128,24 +170,22 @@ impl LocalCluster {
         let url = coordinator.unwrap_or(&self.coordinator_url).to_string();
         let program = self.options.program.clone();
         let advertise = advertise.unwrap_or(&self.options.advertise).to_string();
-        self.procs.spawn(
-            &name,
-            wrapper,
-            &program,
-            &[
-                "worker",
-                "--coordinator",
-                &url,
-                "--listen",
-                listen,
-                "--ring-listen",
-                listen,
-                "--metrics-listen",
-                "127.0.0.1:0",
-                "--advertise-host",
-                &advertise,
-            ],
-        )?;
+        let security = self.security_args();
+        let mut args = vec![
+            "worker",
+            "--coordinator",
+            &url,
+            "--listen",
+            listen,
+            "--ring-listen",
+            listen,
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--advertise-host",
+            &advertise,
+        ];
+        args.extend(security.iter().map(String::as_str));
+        self.procs.spawn(&name, wrapper, &program, &args)?;
         Ok(name)
     }
 
@@ -175,10 +215,11 @@ impl LocalCluster {
     /// data dir.
     pub fn restart_coordinator(&mut self) -> Result<(), ProcessError> {
         self.procs.kill("coordinator")?;
-        let listen = self
+        let hostport = self
             .coordinator_url
-            .trim_start_matches("http://")
-            .replace("127.0.0.1", &self.options.listen_ip);
+            .split_once("://")
+            .map_or(self.coordinator_url.as_str(), |(_, rest)| rest);
+        let listen = hostport.replace("127.0.0.1", &self.options.listen_ip);
         self.start_coordinator(&listen)
     }
 

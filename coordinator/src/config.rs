@@ -56,6 +56,12 @@ impl Default for JobRetention {
             max_age_s: 30 * 24 * 3600,
         }
     }
+    /// TLS dir (`ringtrain certs init`): mutual TLS on every connection and
+    /// the client tokens of its `tokens.toml`. Empty: none.
+    pub tls_dir: String,
+    /// Serve in the clear, without client authentication (must be asked for
+    /// when there is no `tls_dir`).
+    pub insecure: bool,
 }
 
 impl Default for CoordinatorConfig {
@@ -74,6 +80,8 @@ impl Default for CoordinatorConfig {
             forget_lost_workers_ms: 10 * 60 * 1000,
             job_retention: JobRetention::default(),
             max_watch_streams_per_client: 64,
+            tls_dir: String::new(),
+            insecure: false,
         }
     }
 }

@@ -42,6 +42,7 @@ pub fn job_status(s: &JobSnapshot) -> pb::JobStatus {
             _ => 0.0,
         },
         skipped_steps: s.skipped_steps,
+        owner: s.owner.clone(),
     }
 }
 
@@ -83,6 +84,7 @@ pub fn job_record(job: &Job) -> JobRecord {
         loss: job.loss.is_finite().then_some(job.loss),
         eval: job.eval,
         skipped_steps: job.skipped_steps,
+        owner: job.owner.clone(),
     }
 }
 
@@ -99,6 +101,7 @@ pub fn job_from_record(r: &JobRecord) -> Result<Job, String> {
         r.checkpoint_dir.clone(),
         submitted,
     );
+    job.owner = r.owner.clone();
     job.state = r.state.parse()?;
     job.checkpoint_version = r.checkpoint_version.map(ParamVersion);
     job.error = r.error.clone();

@@ -16,6 +16,7 @@
 //!   metrics, and each job's metrics.csv/png.
 //! - [`server`]: wiring: listeners, periodic ticks, shutdown.
 
+pub mod access;
 pub mod blobs;
 pub mod config;
 pub mod confine;

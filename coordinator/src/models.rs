@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use ringtrain_common::jobspec::{DataFormat, DeviceSpec, JobSpec, ModelSource};
+use ringtrain_common::security::{CertRole, Transport};
 use ringtrain_proto as pb;
 use tonic::{Status, Streaming};
 use tracing::{info, warn};
@@ -70,6 +71,7 @@ pub async fn check_submission(
     blobs: &BlobStore,
     spec: &JobSpec,
     worker: Option<String>,
+    transport: &Transport,
 ) -> Result<(), Status> {
     if let ModelSource::ScriptBlob(id) = &spec.model {
         if !blobs.contains(id).await {
@@ -85,7 +87,7 @@ pub async fn check_submission(
         info!("no live worker for a dry run: the job is checked when it starts");
         return Ok(());
     };
-    match dry_run(&addr, spec).await {
+    match dry_run(&addr, spec, transport).await {
         Ok(reply) if reply.error.is_empty() => Ok(()),
         Ok(reply) => Err(Status::invalid_argument(reply.error)),
         Err(e) => {
@@ -95,8 +97,14 @@ pub async fn check_submission(
     }
 }
 
-async fn dry_run(addr: &str, spec: &JobSpec) -> Result<pb::DryRunReply, String> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+async fn dry_run(
+    addr: &str,
+    spec: &JobSpec,
+    transport: &Transport,
+) -> Result<pb::DryRunReply, String> {
+    // Over TLS the worker checks that this is the coordinator's certificate.
+    let endpoint = transport
+        .endpoint(addr, CertRole::Coordinator, Some(CertRole::Worker))
         .map_err(|e| e.to_string())?
         .connect_timeout(Duration::from_secs(5))
         .timeout(DRY_RUN_TIMEOUT);

@@ -9,6 +9,10 @@ use ringtrain_proto as pb;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use ringtrain_common::security::certs::TOKENS_FILE;
+use ringtrain_common::security::{non_empty, CertRole, Tokens, Transport};
+
+use crate::access::Security;
 use crate::config::CoordinatorConfig;
 use crate::service::{Coordinator, MAX_CLIENT_MESSAGE_BYTES, MAX_WORKER_MESSAGE_BYTES};
 
@@ -18,6 +22,21 @@ pub enum ServeError {
     Store(#[from] crate::store::StoreError),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Tls(#[from] ringtrain_common::security::TlsError),
+    #[error(transparent)]
+    Tokens(#[from] ringtrain_common::security::TokensError),
+}
+
+/// The coordinator's security from its config: a TLS dir (with its tokens
+/// file), or plaintext only when `insecure` says so.
+pub fn security(config: &CoordinatorConfig) -> Result<Security, ServeError> {
+    let transport = Transport::from_flags(non_empty(&config.tls_dir).as_deref(), config.insecure)?;
+    let tokens = match transport.tls_dir() {
+        Some(dir) => Some(Tokens::load(&dir.path().join(TOKENS_FILE))?),
+        None => None,
+    };
+    Ok(Security { transport, tokens })
 }
 
 /// Serves until `shutdown`. Jobs persist in `<data_dir>/coordinator.redb`.
@@ -27,8 +46,10 @@ pub async fn serve(
     metrics: Metrics,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let security = security(&config)?;
+    let transport = security.transport.clone();
     let store = crate::store::Store::open(&config.data_dir.join("coordinator.redb"))?;
-    let coordinator = Coordinator::new(config.clone(), metrics, store)?;
+    let coordinator = Coordinator::with_security(config.clone(), metrics, store, security)?;
     let ticker = coordinator.clone();
     let tick = tokio::spawn(async move {
         let mut every = tokio::time::interval(config.heartbeat_interval());
@@ -47,7 +68,8 @@ pub async fn serve(
         shutdown.await;
         closer.close_streams();
     };
-    let result = tonic::transport::Server::builder()
+    let result = transport
+        .server(tonic::transport::Server::builder(), CertRole::Coordinator)?
         .add_service(health)
         .add_service(
             pb::coordinator_server::CoordinatorServer::new(coordinator.clone())

@@ -17,6 +17,7 @@ use ringtrain_proto::convert::{parse_job, parse_worker, BadField};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
+use crate::access::{self, Security};
 use crate::config::CoordinatorConfig;
 use crate::confine::{self, Roots};
 use crate::convert;
@@ -38,6 +39,7 @@ struct Inner {
     outbox: Mutex<Outbox>,
     sinks: Sinks,
     config: CoordinatorConfig,
+    security: Security,
     /// Set at shutdown: open watch streams end with UNAVAILABLE.
     closing: watch::Sender<bool>,
     /// Where submissions may read and write.
@@ -135,6 +137,16 @@ impl Coordinator {
         metrics: Metrics,
         store: Store,
     ) -> Result<Self, StoreError> {
+        Self::with_security(config, metrics, store, Security::open())
+    }
+
+    /// Like [`Coordinator::new`], checking callers as `security` says.
+    pub fn with_security(
+        config: CoordinatorConfig,
+        metrics: Metrics,
+        store: Store,
+        security: Security,
+    ) -> Result<Self, StoreError> {
         let (records, counters) = store.load()?;
         let timeouts = Timeouts {
             worker: config.worker_timeout(),
@@ -173,6 +185,7 @@ impl Coordinator {
                     reports: Default::default(),
                 },
                 config,
+                security,
                 closing: watch::channel(false).0,
                 roots,
                 watchers: Default::default(),
@@ -268,6 +281,7 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         &self,
         request: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let who = self.inner.security.client(&request)?;
         let req = request.into_inner();
         if req.spec_toml.len() > MAX_SPEC_BYTES {
             return Err(Status::resource_exhausted(format!(
@@ -305,11 +319,25 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         .map_err(|_| Status::unavailable("the path check stopped"))?
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let worker = self.read(|st, _| Ok(st.dry_run_target()))?;
-        models::check_submission(&self.inner.blobs, &spec, worker).await?;
+        models::check_submission(
+            &self.inner.blobs,
+            &spec,
+            worker,
+            &self.inner.security.transport,
+        )
+        .await?;
         let (resume_from, checkpoint_dir) = (confined.resume_from, confined.checkpoint_dir);
         let submitted = SystemTime::now();
         self.change(|st, now| {
-            let fx = st.submit(now, id, spec, resume_from, checkpoint_dir, submitted);
+            let fx = st.submit(
+                now,
+                id,
+                spec,
+                resume_from,
+                checkpoint_dir,
+                submitted,
+                who.name,
+            );
             Ok(((), fx))
         })
         .await?;
@@ -322,6 +350,7 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         &self,
         request: Request<tonic::Streaming<pb::FileChunk>>,
     ) -> Result<Response<pb::UploadModelResponse>, Status> {
+        self.inner.security.client(&request)?;
         let reply = models::upload(&self.inner.blobs, request.into_inner()).await?;
         Ok(Response::new(reply))
     }
@@ -330,8 +359,11 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::JobMetrics>, Status> {
+        let who = self.inner.security.client(&request)?;
         small(&request)?;
         let id = parse_job(&request.into_inner().job_id).map_err(bad_request)?;
+        let owner = self.read(|st, _| st.snapshot(id))?.owner;
+        access::require_owner(&who, &owner, &id.to_string())?;
         let (mut rows, on_disk) = self.read(|st, _| st.history(id))?;
         // A job that ended before this coordinator started: its metrics.csv.
         if let Some(dir) = on_disk {
@@ -347,9 +379,11 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::JobStatus>, Status> {
+        let who = self.inner.security.client(&request)?;
         small(&request)?;
         let id = parse_job(&request.into_inner().job_id).map_err(bad_request)?;
         let job = self.read(|st, _| st.snapshot(id))?;
+        access::require_owner(&who, &job.owner, &id.to_string())?;
         Ok(Response::new(convert::job_status(&job)))
     }
 
@@ -357,6 +391,7 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         &self,
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let who = self.inner.security.client(&request)?;
         small(&request)?;
         let req = request.into_inner();
         let size = match req.page_size as usize {
@@ -376,13 +411,28 @@ impl pb::coordinator_server::Coordinator for Coordinator {
             let workers = after.is_none().then(|| st.worker_views(now));
             Ok((page, workers))
         })?;
+        let jobs = page
+            .jobs
+            .iter()
+            .map(|j| {
+                let status = convert::job_status(j);
+                if who.owns(&j.owner) {
+                    status
+                } else {
+                    access::redact(status)
+                }
+            })
+            .collect();
+        // Which worker trains which job, and how fast, is for admins.
+        let workers = match workers {
+            Some(workers) if who.is_admin() => {
+                workers.iter().map(convert::worker_status).collect()
+            }
+            _ => Vec::new(),
+        };
         Ok(Response::new(pb::ListJobsResponse {
-            jobs: page.jobs.iter().map(convert::job_status).collect(),
-            workers: workers
-                .unwrap_or_default()
-                .iter()
-                .map(convert::worker_status)
-                .collect(),
+            jobs,
+            workers,
             next_page_token: page.next.map(|id| id.to_string()).unwrap_or_default(),
         }))
     }
@@ -391,8 +441,12 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         &self,
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
+        let who = self.inner.security.client(&request)?;
         small(&request)?;
         let id = parse_job(&request.into_inner().job_id).map_err(bad_request)?;
+        // A job's owner never changes: checked before the change, it holds.
+        let owner = self.read(|st, _| st.snapshot(id))?.owner;
+        access::require_owner(&who, &owner, &id.to_string())?;
         let job = self.change(|st, now| st.cancel(now, id)).await?;
         Ok(Response::new(pb::CancelJobResponse {
             job: Some(convert::job_status(&job)),
@@ -405,6 +459,7 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         &self,
         request: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let who = self.inner.security.client(&request)?;
         small(&request)?;
         let key = client_key(&request);
         let id = parse_job(&request.into_inner().job_id).map_err(bad_request)?;
@@ -426,6 +481,7 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         let (first, rx) = {
             let st = lock(&self.inner.state);
             let job = st.snapshot(id).map_err(refused)?;
+            access::require_owner(&who, &job.owner, &id.to_string())?;
             // Subscribed while the state is locked: no event is missed or
             // seen twice around the snapshot (see `outbox`).
             let rx = (!job.state.is_terminal()).then(|| lock(&self.inner.outbox).subscribe(id));
@@ -455,6 +511,7 @@ impl pb::worker_control_server::WorkerControl for Coordinator {
         &self,
         request: Request<pb::RegisterWorkerRequest>,
     ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
+        self.inner.security.worker(&request)?;
         let registration = ringtrain_common::worker_api::Registration::from(request.into_inner());
         if registration.grpc_addr.is_empty() || registration.ring_addr.is_empty() {
             return Err(Status::invalid_argument(
@@ -488,6 +545,7 @@ impl pb::worker_control_server::WorkerControl for Coordinator {
         &self,
         request: Request<pb::FetchModelRequest>,
     ) -> Result<Response<Self::FetchModelStream>, Status> {
+        self.inner.security.worker(&request)?;
         let model = request.into_inner().model;
         Ok(Response::new(
             models::fetch(&self.inner.blobs, &model).await?,
@@ -498,6 +556,7 @@ impl pb::worker_control_server::WorkerControl for Coordinator {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        self.inner.security.worker(&request)?;
         let worker = parse_worker(&request.into_inner().worker_id).map_err(bad_request)?;
         let reply = self.change(|st, now| Ok(st.heartbeat(now, worker))).await?;
         Ok(Response::new(match reply {
@@ -516,6 +575,7 @@ impl pb::worker_control_server::WorkerControl for Coordinator {
         &self,
         request: Request<pb::StepReport>,
     ) -> Result<Response<pb::StepReply>, Status> {
+        self.inner.security.worker(&request)?;
         let r = parse(request)?;
         let verdict = self.change(|st, now| st.report_step(now, &r)).await?;
         Ok(Response::new(pb::StepReply {
@@ -527,6 +587,7 @@ impl pb::worker_control_server::WorkerControl for Coordinator {
         &self,
         request: Request<pb::EvalReport>,
     ) -> Result<Response<pb::Empty>, Status> {
+        self.inner.security.worker(&request)?;
         self.report(request, State::report_eval).await
     }
 
@@ -534,6 +595,7 @@ impl pb::worker_control_server::WorkerControl for Coordinator {
         &self,
         request: Request<pb::CheckpointReport>,
     ) -> Result<Response<pb::Empty>, Status> {
+        self.inner.security.worker(&request)?;
         let mut r: CheckpointReport = parse(request)?;
         // Fenced first: a non-member learns nothing about the file system.
         self.read(|st, _| st.check_member(r.job, r.worker, r.generation))?;
@@ -556,6 +618,7 @@ impl pb::worker_control_server::WorkerControl for Coordinator {
         &self,
         request: Request<pb::FinishReport>,
     ) -> Result<Response<pb::Empty>, Status> {
+        self.inner.security.worker(&request)?;
         self.report(request, State::report_finish).await
     }
 
@@ -563,6 +626,7 @@ impl pb::worker_control_server::WorkerControl for Coordinator {
         &self,
         request: Request<pb::RingFailureReport>,
     ) -> Result<Response<pb::Empty>, Status> {
+        self.inner.security.worker(&request)?;
         self.report(request, State::report_ring_failure).await
     }
 }

@@ -59,6 +59,9 @@ pub struct JobRecord {
     /// Records written before it existed read as 0.
     #[serde(default)]
     pub skipped_steps: u64,
+    /// The submitting principal (absent in stores written before tokens).
+    #[serde(default)]
+    pub owner: String,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -339,6 +342,7 @@ mod tests {
             loss: Some(0.5),
             eval: Some((0.8, 0.4)),
             skipped_steps: 0,
+            owner: "alice".into(),
         }
     }
 

@@ -61,6 +61,7 @@ cleanup() {
   else
     compose down -v --remove-orphans --timeout 10 >/dev/null 2>&1 || true
   fi
+  [ -z "${TLS:-}" ] || rm -rf "$TLS"
 }
 
 # host:port on the host for SERVICE's PORT (replica INDEX).
@@ -114,8 +115,20 @@ wait_for "$TIMEOUT_S" "$((WORKERS + 1)) healthy containers" healthy ||
 ok "coordinator and $WORKERS workers healthy ($((SECONDS - t))s)"
 
 GRPC=$(published coordinator 50051) || must "coordinator gRPC port not published"
-URL=http://$GRPC
-"$BIN" health "$GRPC" >/dev/null && ok "ringtrain health $GRPC from the host" || bad "ringtrain health $GRPC"
+URL=https://$GRPC
+# The host-side client takes the certificates and admin token that the
+# one-shot certs service wrote into the tls volume.
+TLS=$(mktemp -d)
+docker cp "$(compose ps -q coordinator)":/var/lib/ringtrain/tls/. "$TLS/" >/dev/null ||
+  must "copying the TLS dir out of the coordinator's container"
+export RINGTRAIN_TLS_DIR=$TLS
+[ -s "$TLS/token" ] && [ -s "$TLS/client.pem" ] && ok "certs service made the TLS dir" || bad "certs service made the TLS dir"
+"$BIN" health "$GRPC" >/dev/null && ok "ringtrain health $GRPC from the host (mutual TLS)" || bad "ringtrain health $GRPC"
+if env -u RINGTRAIN_TLS_DIR "$BIN" status --coordinator "$URL" --insecure >/dev/null 2>&1; then
+  bad "a plaintext client was let in"
+else
+  ok "a plaintext client is refused"
+fi
 
 # The coordinator's own count of heartbeating workers.
 metric_sum() { fetch "http://$1/metrics" | awk -v m="$2" '$1 == m || index($1, m "{") == 1 {s += $2} END {print s + 0}'; }

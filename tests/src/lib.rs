@@ -208,7 +208,7 @@ pub struct Cluster {
     // Dropped first: the processes stop before their directory goes.
     inner: LocalCluster,
     pub dir: tempfile::TempDir,
-    /// `http://127.0.0.1:PORT`.
+    /// `https://127.0.0.1:PORT`.
     pub coordinator: String,
 }
 
@@ -233,6 +233,8 @@ impl Cluster {
                 PathBuf::from("/usr/share/datasets"),
             ],
             checkpoint_root: Some(dir.path().to_path_buf()),
+            // Every test runs over mutual TLS, as a real cluster should.
+            insecure: false,
         };
         let inner = LocalCluster::start(&dir.path().join("data"), workers, options)
             .unwrap_or_else(|e| panic!("starting the cluster: {e}"));
@@ -241,6 +243,26 @@ impl Cluster {
             inner,
             dir,
         }
+    }
+
+    /// The cluster's TLS dir (certificates and the admin token).
+    pub fn tls_dir(&self) -> &Path {
+        self.inner
+            .tls_dir
+            .as_deref()
+            .expect("test clusters run over TLS")
+    }
+
+    /// `ringtrain ARGS` as a client of this cluster would run it: with its
+    /// TLS dir (and so its admin token) in the environment.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(ringtrain_bin());
+        c.args(args)
+            .env("RINGTRAIN_TLS_DIR", self.tls_dir())
+            .env_remove("RINGTRAIN_INSECURE")
+            .env_remove("RINGTRAIN_TOKEN")
+            .stdin(Stdio::null());
+        c
     }
 
     /// The coordinator's data dir (job store, default checkpoints).
@@ -287,10 +309,8 @@ impl Cluster {
 
     /// `ringtrain ARGS --coordinator URL`.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(ringtrain_bin())
-            .args(args)
+        self.command(args)
             .args(["--coordinator", &self.coordinator])
-            .stdin(Stdio::null())
             .output()
             .expect("run ringtrain")
     }

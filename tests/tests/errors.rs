@@ -98,6 +98,7 @@ fn a_worker_that_cannot_reach_the_coordinator_says_so() {
         "",
         "--connect-timeout-s",
         "1",
+        "--insecure",
     ]);
     let line = error_line(&o);
     assert!(
@@ -108,7 +109,12 @@ fn a_worker_that_cannot_reach_the_coordinator_says_so() {
 
 #[test]
 fn client_commands_name_an_unreachable_coordinator_and_unknown_jobs() {
-    let o = run(&["status", "--coordinator", "http://127.0.0.1:1"]);
+    let o = run(&[
+        "status",
+        "--insecure",
+        "--coordinator",
+        "http://127.0.0.1:1",
+    ]);
     let line = error_line(&o);
     assert!(
         line.contains("cannot reach the coordinator at http://127.0.0.1:1"),

@@ -2,12 +2,9 @@
 //! `ringtrain plot` draws one on demand.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-use ringtrain_tests::{
-    mlp_spec, ringtrain_bin, skip_without_data, stderr, stdout, Cluster, Signal,
-};
+use ringtrain_tests::{mlp_spec, skip_without_data, stderr, stdout, Cluster, Signal};
 
 /// `ringtrain plot JOB -o PNG --csv CSV` against the cluster.
 fn plot(cluster: &Cluster, job: &str, png: &Path, csv: &Path) -> std::process::Output {
@@ -95,8 +92,8 @@ fn a_finished_job_has_its_curve_as_csv_and_png_and_plot_draws_it() {
     assert_eq!(std::fs::read_to_string(&csv_out).expect("csv"), csv);
 
     // Without -o: JOB.png in the working directory.
-    let o = Command::new(ringtrain_bin())
-        .args(["plot", &job, "--coordinator", &cluster.coordinator])
+    let o = cluster
+        .command(&["plot", &job, "--coordinator", &cluster.coordinator])
         .current_dir(out.path())
         .output()
         .expect("run ringtrain");
@@ -107,8 +104,8 @@ fn a_finished_job_has_its_curve_as_csv_and_png_and_plot_draws_it() {
     // text: the title band is blank, the curve is there, and the user is
     // told why.
     let bare = out.path().join("bare.png");
-    let o = Command::new(ringtrain_bin())
-        .args(["plot", &job, "--coordinator", &cluster.coordinator, "-o"])
+    let o = cluster
+        .command(&["plot", &job, "--coordinator", &cluster.coordinator, "-o"])
         .arg(&bare)
         .env("RINGTRAIN_FONT", out.path().join("no-such-font.ttf"))
         .output()

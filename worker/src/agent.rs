@@ -6,6 +6,7 @@
 use std::sync::{Arc, OnceLock};
 
 use ringtrain_common::jobspec::JobSpec;
+use ringtrain_common::security::CertRole;
 use ringtrain_proto as pb;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
@@ -51,6 +52,12 @@ impl pb::worker_agent_server::WorkerAgent for AgentService {
         &self,
         request: Request<pb::DryRunRequest>,
     ) -> Result<Response<pb::DryRunReply>, Status> {
+        // Only the coordinator may make a worker load data and run a model.
+        let transport = ringtrain_common::security::process_transport();
+        ringtrain_common::security::tls::peer_is(&transport, &request, CertRole::Coordinator)
+            .map_err(|_| {
+                Status::permission_denied("dry runs take the coordinator's certificate")
+            })?;
         let spec = JobSpec::parse(&request.into_inner().spec_toml, &[])
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let files = self.inner.files.get().cloned().ok_or_else(|| {

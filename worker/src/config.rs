@@ -19,6 +19,11 @@ pub struct WorkerConfig {
     pub metrics_listen: String,
     /// How long to keep trying to reach the coordinator at start-up.
     pub connect_timeout_s: f64,
+    /// TLS dir (`ringtrain certs init`): mutual TLS to the coordinator, for
+    /// the worker's own services and the ring's gRPC plane. Empty: none.
+    pub tls_dir: String,
+    /// Run in the clear (must be asked for when there is no `tls_dir`).
+    pub insecure: bool,
 }
 
 impl Default for WorkerConfig {
@@ -30,6 +35,8 @@ impl Default for WorkerConfig {
             advertise_host: String::new(),
             metrics_listen: "0.0.0.0:9091".into(),
             connect_timeout_s: 10.0,
+            tls_dir: String::new(),
+            insecure: false,
         }
     }
 }

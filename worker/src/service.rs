@@ -10,13 +10,14 @@ use std::time::Duration;
 
 use ringtrain_common::metrics::Metrics;
 use ringtrain_common::retry::{retry, Backoff, GaveUp};
+use ringtrain_common::security::{non_empty, CertRole, TlsError, Transport};
 use ringtrain_common::worker_api::{Assignment, Registration};
 use ringtrain_common::{JobId, RingGeneration, WorkerId};
 use ringtrain_proto as pb;
 use ringtrain_proto::convert::parse_worker;
 use ringtrain_proto::worker_control_client::WorkerControlClient;
 use tokio::net::TcpListener;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tracing::{error, info, warn};
 
 use crate::config::WorkerConfig;
@@ -31,6 +32,8 @@ pub enum WorkerError {
     Registration { url: String, cause: String },
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// The worker's already-bound listeners.
@@ -76,13 +79,18 @@ impl Running {
     }
 }
 
-async fn connect(url: &str, timeout: Duration) -> Result<Channel, WorkerError> {
+async fn connect(
+    url: &str,
+    timeout: Duration,
+    transport: &Transport,
+) -> Result<Channel, WorkerError> {
     let unreachable = |cause: String| WorkerError::Unreachable {
         url: url.to_string(),
         cause,
     };
-    let endpoint = Endpoint::from_shared(url.to_string())
-        .map_err(|e| unreachable(format!("bad URL ({e})")))?
+    let endpoint = transport
+        .endpoint(url, CertRole::Worker, Some(CertRole::Coordinator))
+        .map_err(|e| unreachable(e.to_string()))?
         .connect_timeout(Duration::from_secs(2))
         // A coordinator that hangs must not hang heartbeats or the trainer.
         .timeout(Duration::from_secs(10))
@@ -130,6 +138,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_ready: impl FnOnce(&Ready),
 ) -> Result<(), WorkerError> {
+    let transport = Transport::from_flags(non_empty(&config.tls_dir).as_deref(), config.insecure)?;
+    // The ring's gRPC dialer and the agent read it from here.
+    ringtrain_common::security::install(transport.clone());
     let (grpc_addr, ring_addr) = (listeners.grpc.local_addr()?, listeners.ring.local_addr()?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
@@ -146,7 +157,8 @@ pub async fn run(
         .set_serving::<pb::ring_server::RingServer<grpc::RingService>>()
         .await;
     let agent = crate::agent::AgentService::default();
-    let server = grpc::server_builder()
+    let server = transport
+        .server(grpc::server_builder(), CertRole::Worker)?
         .add_service(health)
         .add_service(grpc::RingService::new(grpc_inbox.clone()).into_server())
         .add_service(agent.clone().into_server())
@@ -161,7 +173,7 @@ pub async fn run(
     };
 
     let url = config.coordinator.clone();
-    let channel = connect(&url, config.connect_timeout()).await?;
+    let channel = connect(&url, config.connect_timeout(), &transport).await?;
     let mut client = WorkerControlClient::new(channel);
     let model_files = Arc::new(crate::model_files::ModelFiles::new(client.clone()));
     agent.set_model_files(model_files.clone());

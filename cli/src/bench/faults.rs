@@ -15,6 +15,9 @@ use crate::commands::local::{check_dataset, start_cluster};
 
 #[derive(clap::Args)]
 pub struct FaultsArgs {
+    /// Run the cluster in the clear (default: mutual TLS, as a real cluster should).
+    #[arg(long)]
+    insecure: bool,
     #[arg(long, default_value_t = 4)]
     world: usize,
     /// cnn or mlp.
@@ -57,9 +60,9 @@ async fn one_run(args: &FaultsArgs, seed: u64, kill_at: Option<u64>) -> anyhow::
     );
     let spec = JobSpec::parse(&text, &[])?;
     let dir = tempfile::tempdir()?;
-    let mut cluster = start_cluster(dir.path(), args.world)?;
+    let mut cluster = start_cluster(dir.path(), args.world, args.insecure)?;
     let started = Instant::now();
-    let mut c = client::connect(&cluster.coordinator_url).await?;
+    let mut c = client::connect_cluster(&cluster).await?;
     let job = client::submit_spec(&mut c, &spec, None).await?;
     let mut stream = client::events(&mut c, &job).await?;
     let mut killed = kill_at.is_none();

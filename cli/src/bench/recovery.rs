@@ -18,6 +18,9 @@ use crate::commands::local::{check_dataset, start_cluster};
 
 #[derive(clap::Args)]
 pub struct RecoveryArgs {
+    /// Run the cluster in the clear (default: mutual TLS, as a real cluster should).
+    #[arg(long)]
+    insecure: bool,
     #[arg(long, default_value_t = 4)]
     world: usize,
     #[arg(long, default_value_t = 10)]
@@ -76,8 +79,8 @@ pub async fn run(args: RecoveryArgs) -> anyhow::Result<()> {
     );
     let spec = JobSpec::parse(&text, &[])?;
     let dir = tempfile::tempdir()?;
-    let mut cluster = start_cluster(dir.path(), args.world)?;
-    let mut c = client::connect(&cluster.coordinator_url).await?;
+    let mut cluster = start_cluster(dir.path(), args.world, args.insecure)?;
+    let mut c = client::connect_cluster(&cluster).await?;
     let job = client::submit_spec(&mut c, &spec, None).await?;
     let mut stream = client::events(&mut c, &job).await?;
     let timeline: Timeline = Arc::default();

@@ -16,6 +16,9 @@ use crate::commands::local::{check_dataset, start_cluster};
 
 #[derive(clap::Args)]
 pub struct TrainArgs {
+    /// Run the cluster in the clear (default: mutual TLS, as a real cluster should).
+    #[arg(long)]
+    insecure: bool,
     #[arg(long, default_value_t = 4)]
     world: usize,
     /// cnn or mlp.
@@ -55,8 +58,8 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<()> {
     );
     let spec = JobSpec::parse(&text, &args.overrides)?;
     let dir = tempfile::tempdir()?;
-    let cluster = start_cluster(dir.path(), args.world)?;
-    let mut c = client::connect(&cluster.coordinator_url).await?;
+    let cluster = start_cluster(dir.path(), args.world, args.insecure)?;
+    let mut c = client::connect_cluster(&cluster).await?;
     let job = client::submit_spec(&mut c, &spec, None).await?;
     let mut stream = client::events(&mut c, &job).await?;
     let mut seen: Vec<(u64, Instant)> = Vec::new();
@@ -99,6 +102,7 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<()> {
         .unwrap_or(f64::NAN);
     let line = serde_json::json!({
         "impl": "ringtrain",
+        "security": if args.insecure { "insecure" } else { "mtls" },
         "model": args.model,
         "world": args.world,
         "batch_per_rank": args.batch,

@@ -6,18 +6,75 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use ringtrain_common::jobspec::{JobSpec, ModelSource};
+use ringtrain_common::security::{default_token, CertRole, Transport};
 use ringtrain_proto as pb;
 use ringtrain_proto::coordinator_client::CoordinatorClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 
-pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:50051";
+pub const DEFAULT_COORDINATOR: &str = "https://127.0.0.1:50051";
 
 #[derive(clap::Args, Clone)]
 pub struct Target {
     /// Coordinator URL.
     #[arg(long, env = "RINGTRAIN_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
     pub coordinator: String,
+    #[command(flatten)]
+    pub security: ClientSecurity,
 }
+
+/// How a client reaches a server: mutual TLS from a TLS dir, or in the
+/// clear only when asked.
+#[derive(clap::Args, Clone, Default)]
+pub struct ClientSecurity {
+    /// TLS dir holding ca.pem, client.pem and client.key (`ringtrain certs init`).
+    #[arg(long, env = "RINGTRAIN_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// Connect in the clear, without TLS (the server must run --insecure too).
+    #[arg(long, env = "RINGTRAIN_INSECURE", value_parser = clap::builder::FalseyValueParser::new())]
+    pub insecure: bool,
+    /// Bearer token (default: the TLS dir's `token` file).
+    #[arg(long, env = "RINGTRAIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+impl ClientSecurity {
+    pub fn transport(&self) -> anyhow::Result<Transport> {
+        Ok(Transport::from_flags(
+            self.tls_dir.as_deref(),
+            self.insecure,
+        )?)
+    }
+
+    /// `--token`, else the TLS dir's token file.
+    pub fn token(&self) -> Option<String> {
+        self.token
+            .clone()
+            .or_else(|| self.tls_dir.as_deref().and_then(default_token))
+    }
+}
+
+/// Adds `authorization: Bearer TOKEN` to every call.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A client of the coordinator's client API.
+pub type Client = CoordinatorClient<InterceptedService<Channel, Bearer>>;
 
 #[derive(clap::Args)]
 pub struct SubmitArgs {
@@ -65,20 +122,82 @@ pub struct CancelArgs {
     pub target: Target,
 }
 
-pub async fn connect(url: &str) -> anyhow::Result<CoordinatorClient<Channel>> {
-    let endpoint = Endpoint::from_shared(url.to_string())
-        .map_err(|_| anyhow!("'{url}' is not a coordinator URL (expected http://HOST:PORT)"))?
-        .connect_timeout(Duration::from_secs(5));
-    let channel = endpoint.connect().await.map_err(|e| {
-        let cause = std::error::Error::source(&e)
-            .map(|s| s.to_string())
-            .unwrap_or_else(|| e.to_string());
-        anyhow!("cannot reach the coordinator at {url}: {cause}")
-    })?;
-    Ok(CoordinatorClient::new(channel))
+pub async fn connect(target: &Target) -> anyhow::Result<Client> {
+    let transport = target.security.transport()?;
+    connect_with(&target.coordinator, &transport, target.security.token()).await
 }
 
+/// A client of a [`LocalCluster`](ringtrain_common::local_cluster::LocalCluster),
+/// with its certificates and admin token.
+pub async fn connect_cluster(
+    cluster: &ringtrain_common::local_cluster::LocalCluster,
+) -> anyhow::Result<Client> {
+    let security = ClientSecurity {
+        tls_dir: cluster.tls_dir.clone(),
+        insecure: cluster.tls_dir.is_none(),
+        token: None,
+    };
+    connect_with(
+        &cluster.coordinator_url,
+        &security.transport()?,
+        security.token(),
+    )
+    .await
+}
+
+/// The innermost cause of an error ("Connection refused", a certificate
+/// problem): the useful one.
+pub fn innermost(e: &dyn std::error::Error) -> String {
+    let mut cause = e;
+    while let Some(inner) = cause.source() {
+        cause = inner;
+    }
+    cause.to_string()
+}
+
+pub async fn connect_with(
+    url: &str,
+    transport: &Transport,
+    token: Option<String>,
+) -> anyhow::Result<Client> {
+    let endpoint = transport
+        .endpoint(url, CertRole::Client, Some(CertRole::Coordinator))?
+        .connect_timeout(Duration::from_secs(5));
+    INSECURE.store(!transport.is_tls(), std::sync::atomic::Ordering::Relaxed);
+    let channel = endpoint.connect().await.map_err(|e| {
+        let cause = innermost(&e);
+        // A TLS server hangs up on a plaintext client: say what probably happened.
+        let hint = match transport {
+            Transport::Insecure if !cause.contains("refused") => {
+                " (if the coordinator serves TLS, pass --tls-dir instead of --insecure)"
+            }
+            _ => "",
+        };
+        anyhow!("cannot reach the coordinator at {url}: {cause}{hint}")
+    })?;
+    let header = token
+        .map(|t| MetadataValue::try_from(format!("Bearer {t}")))
+        .transpose()
+        .map_err(|_| anyhow!("the token holds characters a gRPC header cannot carry"))?;
+    Ok(CoordinatorClient::with_interceptor(channel, Bearer(header)))
+}
+
+/// Set when this client connects in the clear (for the hint below).
+static INSECURE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn status_error(e: tonic::Status) -> anyhow::Error {
+    // A TLS server hangs up on a plaintext client's first call.
+    let transport_failed = matches!(
+        e.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal
+    ) && (e.message().contains("h2 protocol error")
+        || e.message().contains("transport error"));
+    if transport_failed && INSECURE.load(std::sync::atomic::Ordering::Relaxed) {
+        return anyhow!(
+            "{} (if the coordinator serves TLS, pass --tls-dir instead of --insecure)",
+            e.message()
+        );
+    }
     anyhow!("{}", e.message())
 }
 
@@ -113,10 +232,7 @@ const UPLOAD_CHUNK: usize = 1 << 20;
 
 /// Streams a TorchScript file to the coordinator; returns what a job names
 /// it by (`sha256:HEX`).
-pub async fn upload_model(
-    client: &mut CoordinatorClient<Channel>,
-    path: &Path,
-) -> anyhow::Result<ModelSource> {
+pub async fn upload_model(client: &mut Client, path: &Path) -> anyhow::Result<ModelSource> {
     let bytes = tokio::fs::read(path)
         .await
         .with_context(|| format!("cannot read model file {}", path.display()))?;
@@ -145,7 +261,7 @@ pub fn check_resume(dir: &Path) -> anyhow::Result<String> {
 }
 
 pub async fn submit_spec(
-    client: &mut CoordinatorClient<Channel>,
+    client: &mut Client,
     spec: &JobSpec,
     resume: Option<&Path>,
 ) -> anyhow::Result<String> {
@@ -167,7 +283,7 @@ pub async fn submit_spec(
 
 pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     let spec = load_spec(&args.spec, &args.overrides)?;
-    let mut client = connect(&args.target.coordinator).await?;
+    let mut client = connect(&args.target).await?;
     let job = submit_spec(&mut client, &spec, args.resume.as_deref()).await?;
     if !args.watch {
         println!("{job}");
@@ -203,6 +319,7 @@ pub fn result_json(s: &pb::JobStatus) -> serde_json::Value {
         "test_loss": opt(s.has_eval, s.test_loss),
         "checkpoint_dir": s.checkpoint_dir,
         "skipped_steps": s.skipped_steps,
+        "owner": s.owner,
         "error": if s.error.is_empty() { serde_json::Value::Null } else { serde_json::json!(s.error) },
     })
 }
@@ -261,7 +378,7 @@ fn progress_line(s: &pb::JobStatus) -> String {
 
 /// Opens the stream of a job's events (a snapshot first).
 pub async fn events(
-    client: &mut CoordinatorClient<Channel>,
+    client: &mut Client,
     job: &str,
 ) -> anyhow::Result<tonic::Streaming<pb::JobEvent>> {
     Ok(client
@@ -274,7 +391,7 @@ pub async fn events(
 /// Streams a job's events to the end, drawing a progress bar on stderr.
 /// Returns the final status.
 pub async fn watch_job(
-    client: &mut CoordinatorClient<Channel>,
+    client: &mut Client,
     job: &str,
     show: bool,
 ) -> anyhow::Result<pb::JobStatus> {
@@ -315,13 +432,13 @@ pub async fn watch_job(
 }
 
 pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
-    let mut client = connect(&args.target.coordinator).await?;
+    let mut client = connect(&args.target).await?;
     let end = watch_job(&mut client, &args.job, !args.json).await?;
     finish(&end, args.json)
 }
 
 pub async fn cancel(args: CancelArgs) -> anyhow::Result<()> {
-    let mut client = connect(&args.target.coordinator).await?;
+    let mut client = connect(&args.target).await?;
     let resp = client
         .cancel_job(pb::CancelJobRequest {
             job_id: args.job.clone(),
@@ -358,7 +475,7 @@ async fn list_all(client: &mut CoordinatorClient<Channel>) -> anyhow::Result<pb:
 }
 
 pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
-    let mut client = connect(&args.target.coordinator).await?;
+    let mut client = connect(&args.target).await?;
     if let Some(job) = &args.job {
         let s = client
             .get_job(pb::GetJobRequest {
@@ -371,6 +488,9 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
             println!("{}", result_json(&s));
         } else {
             println!("{} ({}, {})", s.job_id, s.name, s.model);
+            if !s.owner.is_empty() {
+                println!("  submitted by {}", s.owner);
+            }
             println!("  {}", progress_line(&s));
             if s.has_eval {
                 println!(

@@ -31,19 +31,32 @@ pub struct LocalArgs {
     /// Continue from a checkpoint directory.
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Run every process in the clear (default: mutual TLS with throwaway
+    /// certificates in RUN_DIR/tls).
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 /// A coordinator and `workers` workers of this very binary on loopback.
-pub fn start_cluster(run_dir: &Path, workers: usize) -> anyhow::Result<LocalCluster> {
+pub fn start_cluster(
+    run_dir: &Path,
+    workers: usize,
+    insecure: bool,
+) -> anyhow::Result<LocalCluster> {
     let program = std::env::current_exe().context("locating the ringtrain binary")?;
-    start_with(run_dir, workers, ClusterOptions::loopback(program))
+    start_with(run_dir, workers, ClusterOptions::loopback(program), insecure)
 }
 
 fn start_with(
     run_dir: &Path,
     workers: usize,
     options: ClusterOptions,
+    insecure: bool,
 ) -> anyhow::Result<LocalCluster> {
+    let options = ClusterOptions { insecure, ..options };
+    if insecure {
+        tracing::warn!("--insecure: the local cluster runs in the clear, without authentication");
+    }
     Ok(tokio::task::block_in_place(|| {
         LocalCluster::start(run_dir, workers, options)
     })?)
@@ -145,8 +158,9 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         run_dir.join("logs").display()
     );
     let program = std::env::current_exe().context("locating the ringtrain binary")?;
-    let cluster = start_with(&run_dir, spec.workers, local_roots(program, &spec, &args))?;
-    let mut client = client::connect(&cluster.coordinator_url).await?;
+    let options = local_roots(program, &spec, &args);
+    let cluster = start_with(&run_dir, spec.workers, options, args.insecure)?;
+    let mut client = client::connect_cluster(&cluster).await?;
     let job = client::submit_spec(&mut client, &spec, args.resume.as_deref()).await?;
     eprintln!(
         "submitted job {job} ({} on {} workers)",

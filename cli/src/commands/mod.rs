@@ -1,3 +1,4 @@
+pub mod certs;
 pub mod client;
 pub mod generate;
 pub mod health;

@@ -23,7 +23,7 @@ pub struct PlotArgs {
 }
 
 pub async fn run(args: PlotArgs) -> anyhow::Result<()> {
-    let mut c = client::connect(&args.target.coordinator).await?;
+    let mut c = client::connect(&args.target).await?;
     let job = c
         .get_job(pb::GetJobRequest {
             job_id: args.job.clone(),

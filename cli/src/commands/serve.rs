@@ -15,7 +15,8 @@ use crate::settings::{self, shutdown_signal};
 #[derive(clap::Args)]
 pub struct CoordinatorArgs {
     /// TOML config file (keys: listen, metrics_listen, data_dir, data_roots, checkpoint_root,
-    /// max_workers, job_retention = { count, max_age_s }, heartbeat_interval_ms, worker_timeout_ms, ...).
+    /// max_workers, job_retention = { count, max_age_s }, heartbeat_interval_ms, worker_timeout_ms,
+    /// tls_dir, insecure, ...).
     #[arg(long)]
     config: Option<PathBuf>,
     /// gRPC listen address (overrides the config).
@@ -39,11 +40,34 @@ pub struct CoordinatorArgs {
     /// Write {"grpc": addr, "metrics": addr} here once listening.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    #[command(flatten)]
+    security: ServerSecurity,
+}
+
+/// `--tls-dir` / `--insecure` of a server (config keys tls_dir, insecure;
+/// env RINGTRAIN_TLS_DIR, RINGTRAIN_INSECURE).
+#[derive(clap::Args)]
+pub struct ServerSecurity {
+    /// TLS dir (`ringtrain certs init`): mutual TLS with the cluster CA.
+    #[arg(long)]
+    tls_dir: Option<String>,
+    /// Serve and connect in the clear, without authentication.
+    #[arg(long)]
+    insecure: bool,
+}
+
+impl ServerSecurity {
+    fn overrides(&self) -> [(&'static str, Option<String>); 2] {
+        [
+            ("tls_dir", self.tls_dir.clone()),
+            ("insecure", self.insecure.then(|| "true".to_string())),
+        ]
+    }
 }
 
 #[derive(clap::Args)]
 pub struct WorkerArgs {
-    /// TOML config file (keys: coordinator, listen, ring_listen, advertise_host, metrics_listen, connect_timeout_s).
+    /// TOML config file (keys: coordinator, listen, ring_listen, advertise_host, metrics_listen, connect_timeout_s, tls_dir, insecure).
     #[arg(long)]
     config: Option<PathBuf>,
     /// Coordinator URL, e.g. http://127.0.0.1:50051.
@@ -62,6 +86,8 @@ pub struct WorkerArgs {
     /// Write {"grpc", "ring", "worker_id", "metrics"} here once registered.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    #[command(flatten)]
+    security: ServerSecurity,
 }
 
 async fn bind(what: &str, addr: &str) -> anyhow::Result<TcpListener> {
@@ -81,6 +107,7 @@ async fn start_metrics(addr: &str, metrics: &Metrics) -> anyhow::Result<Option<S
 }
 
 pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
+    let [tls, insecure] = args.security.overrides();
     let mut config: CoordinatorConfig = settings::load(
         args.config.as_deref(),
         &[
@@ -89,11 +116,15 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
             ("data_dir", args.data_dir),
             ("checkpoint_root", args.checkpoint_root),
             ("max_workers", args.max_workers),
+            tls,
+            insecure,
         ],
     )?;
     if !args.data_roots.is_empty() {
         config.data_roots = args.data_roots;
     }
+    // Before binding anything: a clear error when neither is chosen.
+    ringtrain_coordinator::server::security(&config)?;
     config.data_dir = std::path::absolute(&config.data_dir)
         .with_context(|| format!("data dir {}", config.data_dir.display()))?;
     let rt = tokio::runtime::Runtime::new()?;
@@ -115,9 +146,12 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
 }
 
 pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
+    let [tls, insecure] = args.security.overrides();
     let config: WorkerConfig = settings::load(
         args.config.as_deref(),
         &[
+            tls,
+            insecure,
             ("coordinator", args.coordinator),
             ("listen", args.listen),
             ("ring_listen", args.ring_listen),

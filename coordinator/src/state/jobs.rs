@@ -20,9 +20,11 @@ impl State {
         resume_from: String,
         checkpoint_dir: String,
         submitted: SystemTime,
+        owner: String,
     ) -> Effects {
-        let job = Job::new(id, spec, resume_from, checkpoint_dir, submitted);
-        info!(job = %id, name = %job.spec.name, model = %job.spec.model, workers = job.spec.workers, "job submitted");
+        let mut job = Job::new(id, spec, resume_from, checkpoint_dir, submitted);
+        job.owner = owner;
+        info!(job = %id, name = %job.spec.name, model = %job.spec.model, workers = job.spec.workers, owner = %job.owner, "job submitted");
         self.jobs.insert(id, job);
         self.queue.push(id);
         let mut fx = Effects::default();

@@ -85,6 +85,7 @@ pub struct JobSnapshot {
     pub generation: RingGeneration,
     pub submitted: SystemTime,
     pub skipped_steps: u64,
+    pub owner: String,
 }
 
 /// Hashes and losses reported for one parameter version.
@@ -107,6 +108,9 @@ pub struct Job {
     pub state: JobState,
     pub error: String,
     pub submitted: SystemTime,
+    /// The principal that submitted the job: only it (and admins) may see
+    /// all of it or cancel it.
+    pub owner: String,
     /// Ring members by rank.
     pub members: Vec<WorkerId>,
     pub generation: RingGeneration,
@@ -162,6 +166,7 @@ impl Job {
             state: JobState::Pending,
             error: String::new(),
             submitted,
+            owner: String::new(),
             members: Vec::new(),
             generation: RingGeneration(0),
             step: ParamVersion(0),
@@ -213,6 +218,7 @@ impl Job {
             generation: self.generation,
             submitted: self.submitted,
             skipped_steps: self.skipped_steps,
+            owner: self.owner.clone(),
         }
     }
 

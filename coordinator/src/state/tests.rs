@@ -64,6 +64,7 @@ impl Cluster {
             String::new(),
             "/ckpt".into(),
             SystemTime::now(),
+            "alice".into(),
         )
     }
 

@@ -24,7 +24,7 @@ use ringtrain_proto::{RingFrame, RingReply};
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::inbox::{Expectation, Inbox, InboxLimits, LinkKey, Unexpected};
@@ -195,7 +195,18 @@ pub fn serve_with(
     let svc = RingService::new(inbox.clone()).into_server();
     tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        let result = server_builder()
+        let server = ringtrain_common::security::process_transport().server(
+            server_builder(),
+            ringtrain_common::security::CertRole::Worker,
+        );
+        let mut server = match server {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "ring gRPC server TLS settings");
+                return;
+            }
+        };
+        let result = server
             .add_service(svc)
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await;
@@ -216,8 +227,14 @@ pub fn server_builder() -> tonic::transport::Server {
 }
 
 async fn dial(right: &Peer, timeout: Duration) -> Result<Channel, RingError> {
-    let endpoint = Endpoint::from_shared(format!("http://{}", right.addr))
-        .map_err(|e| RingError::Setup(format!("bad address for {right}: {e}")))?
+    // Over TLS (the worker's process transport) with the worker certificate.
+    let endpoint = ringtrain_common::security::process_transport()
+        .endpoint(
+            &right.addr,
+            ringtrain_common::security::CertRole::Worker,
+            Some(ringtrain_common::security::CertRole::Worker),
+        )
+        .map_err(|e| RingError::Setup(format!("{right}: {e}")))?
         .connect_timeout(timeout)
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(STREAM_WINDOW))
