@@ -5,6 +5,7 @@
 
 pub mod curve;
 pub mod data_plan;
+pub mod grpc_status;
 pub mod ids;
 pub mod job_state;
 pub mod jobspec;

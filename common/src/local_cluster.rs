@@ -237,6 +237,11 @@ impl LocalCluster {
     }
 
     /// The log file of (the newest process called) `name`.
+    /// The pid of process `name`, while it runs.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.procs.get(name).map(|p| p.pid())
+    }
+
     pub fn log_path(&self, name: &str) -> Option<&Path> {
         self.procs.get(name).map(|p| p.log.as_path())
     }

@@ -36,6 +36,12 @@ pub struct CoordinatorConfig {
     pub job_retention: JobRetention,
     /// Open `WatchJob` streams per client address.
     pub max_watch_streams_per_client: usize,
+    /// TLS dir (`ringtrain certs init`): mutual TLS on every connection and
+    /// the client tokens of its `tokens.toml`. Empty: none.
+    pub tls_dir: String,
+    /// Serve in the clear, without client authentication (must be asked for
+    /// when there is no `tls_dir`).
+    pub insecure: bool,
 }
 
 /// How many finished jobs (succeeded, failed, cancelled) the coordinator
@@ -56,12 +62,6 @@ impl Default for JobRetention {
             max_age_s: 30 * 24 * 3600,
         }
     }
-    /// TLS dir (`ringtrain certs init`): mutual TLS on every connection and
-    /// the client tokens of its `tokens.toml`. Empty: none.
-    pub tls_dir: String,
-    /// Serve in the clear, without client authentication (must be asked for
-    /// when there is no `tls_dir`).
-    pub insecure: bool,
 }
 
 impl Default for CoordinatorConfig {

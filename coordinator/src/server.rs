@@ -70,6 +70,7 @@ pub async fn serve(
     };
     let result = transport
         .server(tonic::transport::Server::builder(), CertRole::Coordinator)?
+        .layer(ringtrain_common::grpc_status::oversize_layer())
         .add_service(health)
         .add_service(
             pb::coordinator_server::CoordinatorServer::new(coordinator.clone())

@@ -425,9 +425,7 @@ impl pb::coordinator_server::Coordinator for Coordinator {
             .collect();
         // Which worker trains which job, and how fast, is for admins.
         let workers = match workers {
-            Some(workers) if who.is_admin() => {
-                workers.iter().map(convert::worker_status).collect()
-            }
+            Some(workers) if who.is_admin() => workers.iter().map(convert::worker_status).collect(),
             _ => Vec::new(),
         };
         Ok(Response::new(pb::ListJobsResponse {

@@ -265,6 +265,26 @@ impl Cluster {
         c
     }
 
+    /// The pid of process `name` ("coordinator", "worker-1", ...).
+    pub fn pid(&self, name: &str) -> u32 {
+        self.inner
+            .pid(name)
+            .unwrap_or_else(|| panic!("no process {name}"))
+    }
+
+    /// What process `name` wrote to its ready file (its addresses).
+    pub fn ready(&self, name: &str) -> serde_json::Value {
+        self.inner
+            .ready(name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no ready file of {name}"))
+    }
+
+    /// Every process's log tail, for a failure message.
+    pub fn tails(&self, lines: usize) -> String {
+        self.inner.tails(lines)
+    }
+
     /// The coordinator's data dir (job store, default checkpoints).
     pub fn data_dir(&self) -> &Path {
         &self.inner.data_dir

@@ -44,7 +44,7 @@ fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
 }
 
 async fn list(c: &mut Client, token: Option<&str>) -> Result<pb::ListJobsResponse, tonic::Status> {
-    c.list_jobs(with_token(pb::ListJobsRequest {}, token))
+    c.list_jobs(with_token(pb::ListJobsRequest::default(), token))
         .await
         .map(tonic::Response::into_inner)
 }

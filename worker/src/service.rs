@@ -159,6 +159,7 @@ pub async fn run(
     let agent = crate::agent::AgentService::default();
     let server = transport
         .server(grpc::server_builder(), CertRole::Worker)?
+        .layer(ringtrain_common::grpc_status::oversize_layer())
         .add_service(health)
         .add_service(grpc::RingService::new(grpc_inbox.clone()).into_server())
         .add_service(agent.clone().into_server())

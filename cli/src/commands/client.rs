@@ -452,7 +452,7 @@ pub async fn cancel(args: CancelArgs) -> anyhow::Result<()> {
 }
 
 /// Every job and worker, following `ListJobs` pages to the last.
-async fn list_all(client: &mut CoordinatorClient<Channel>) -> anyhow::Result<pb::ListJobsResponse> {
+async fn list_all(client: &mut Client) -> anyhow::Result<pb::ListJobsResponse> {
     let mut all = pb::ListJobsResponse::default();
     let mut page_token = String::new();
     loop {

@@ -44,7 +44,12 @@ pub fn start_cluster(
     insecure: bool,
 ) -> anyhow::Result<LocalCluster> {
     let program = std::env::current_exe().context("locating the ringtrain binary")?;
-    start_with(run_dir, workers, ClusterOptions::loopback(program), insecure)
+    start_with(
+        run_dir,
+        workers,
+        ClusterOptions::loopback(program),
+        insecure,
+    )
 }
 
 fn start_with(
@@ -53,7 +58,10 @@ fn start_with(
     options: ClusterOptions,
     insecure: bool,
 ) -> anyhow::Result<LocalCluster> {
-    let options = ClusterOptions { insecure, ..options };
+    let options = ClusterOptions {
+        insecure,
+        ..options
+    };
     if insecure {
         tracing::warn!("--insecure: the local cluster runs in the clear, without authentication");
     }

@@ -98,7 +98,8 @@ impl Cluster {
         hash: u64,
         skipped_nonfinite: bool,
     ) -> (StepVerdict, Effects) {
-        self.try_step_skipped(a, w, v, hash, skipped_nonfinite).unwrap()
+        self.try_step_skipped(a, w, v, hash, skipped_nonfinite)
+            .unwrap()
     }
 
     fn try_step_skipped(
@@ -718,6 +719,7 @@ fn finished_jobs(c: &mut Cluster, n: u64, submitted: SystemTime) {
             String::new(),
             "/ckpt".into(),
             submitted,
+            "alice".into(),
         );
         c.st.cancel(c.now, JobId(100 + i)).unwrap();
     }

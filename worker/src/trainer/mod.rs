@@ -809,12 +809,14 @@ mod tests {
             segment_elems: 16,
             ..RingOptions::default()
         };
+        let key = ringtrain_common::ring_key::RingKey::random();
         let connects = endpoints.iter().enumerate().map(|(rank, e)| {
             let spec = RingSpec {
                 job: JobId(1),
                 generation: RingGeneration(1),
                 rank: Rank(rank as u32),
                 members: addrs.clone(),
+                key: key.clone(),
                 options: options.clone(),
             };
             Ring::connect(spec, e)
