@@ -219,7 +219,8 @@ pub fn proof_matches(expected: &[u8; PROOF_LEN], got: &[u8]) -> bool {
 pub struct SessionKey([u8; 32]);
 
 enum Cipher {
-    Aead(LessSafeKey),
+    /// Boxed: the expanded AES key is large next to the other modes.
+    Aead(Box<LessSafeKey>),
     Mac([u8; 32]),
     None,
 }
@@ -235,10 +236,10 @@ pub struct LinkCipher {
 impl LinkCipher {
     pub fn new(security: RingSecurity, session: &SessionKey) -> Self {
         let cipher = match security {
-            RingSecurity::Aead => Cipher::Aead(LessSafeKey::new(
+            RingSecurity::Aead => Cipher::Aead(Box::new(LessSafeKey::new(
                 UnboundKey::new(&AES_256_GCM, &session.0)
                     .unwrap_or_else(|_| unreachable!("AES-256 takes any 32-byte key")),
-            )),
+            ))),
             RingSecurity::Mac => Cipher::Mac(session.0),
             RingSecurity::None => Cipher::None,
         };
