@@ -12,6 +12,7 @@ use crate::store::JobRecord;
 
 impl State {
     /// Queues a new job. Its record is persisted (durably) with the effects.
+    #[allow(clippy::too_many_arguments)] // each is one field of the job record
     pub fn submit(
         &mut self,
         now: Instant,
