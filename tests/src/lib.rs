@@ -265,7 +265,28 @@ impl Cluster {
         c
     }
 
-    /// The pid of process `name` ("coordinator", "worker-1", ...).
+    /// A gRPC channel to the coordinator with `role`'s certificate, as a
+    /// client (or a worker) of this cluster would open it.
+    pub async fn channel(
+        &self,
+        role: ringtrain_common::security::CertRole,
+    ) -> tonic::transport::Channel {
+        use ringtrain_common::security::{CertRole, Transport};
+        Transport::from_flags(Some(self.tls_dir()), false)
+            .expect("tls dir")
+            .endpoint(&self.coordinator, role, Some(CertRole::Coordinator))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    /// The admin's bearer token.
+    pub fn admin_token(&self) -> String {
+        ringtrain_common::security::default_token(self.tls_dir()).expect("admin token")
+    }
+
+    /// The pid of process `name` ("coordinator", "worker-0", ...).
     pub fn pid(&self, name: &str) -> u32 {
         self.inner
             .pid(name)
@@ -397,4 +418,14 @@ pub fn http_get(addr: &str, path: &str) -> String {
     text.split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
         .unwrap_or_default()
+}
+
+/// `message` with `Authorization: Bearer TOKEN`.
+pub fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("header"),
+    );
+    r
 }

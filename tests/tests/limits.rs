@@ -6,10 +6,11 @@
 
 use std::time::Duration;
 
+use ringtrain_common::security::CertRole;
 use ringtrain_proto as pb;
 use ringtrain_proto::coordinator_client::CoordinatorClient;
 use ringtrain_proto::worker_control_client::WorkerControlClient;
-use ringtrain_tests::{mlp_spec, skip_without_data, stderr, stdout, wait_for, Cluster};
+use ringtrain_tests::{mlp_spec, skip_without_data, stderr, stdout, wait_for, with_token, Cluster};
 use tonic::Code;
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -25,14 +26,15 @@ fn spec(top: &str, tables: &str) -> String {
     format!("{top}\n{base}\n{tables}")
 }
 
-async fn submit(url: &str, spec_toml: String) -> Result<String, tonic::Status> {
-    let mut c = CoordinatorClient::connect(url.to_string())
-        .await
-        .expect("connect");
-    c.submit_job(pb::SubmitJobRequest {
-        spec_toml,
-        resume_from: String::new(),
-    })
+async fn submit(cluster: &Cluster, spec_toml: String) -> Result<String, tonic::Status> {
+    let mut c = CoordinatorClient::new(cluster.channel(CertRole::Client).await);
+    c.submit_job(with_token(
+        pb::SubmitJobRequest {
+            spec_toml,
+            resume_from: String::new(),
+        },
+        &cluster.admin_token(),
+    ))
     .await
     .map(|r| r.into_inner().job_id)
 }
@@ -41,17 +43,16 @@ async fn submit(url: &str, spec_toml: String) -> Result<String, tonic::Status> {
 fn submissions_past_their_bounds_or_outside_the_roots_are_refused_naming_the_key() {
     let cluster = Cluster::start(0);
     let rt = runtime();
-    let url = cluster.coordinator.clone();
     let refused = |top: &str, tables: &str| {
         let e = rt
-            .block_on(submit(&url, spec(top, tables)))
+            .block_on(submit(&cluster, spec(top, tables)))
             .expect_err("refused");
         assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
         e.message().to_string()
     };
     let name = "n".repeat(900_000);
     let huge = spec("", "").replace("fashion-mlp", &name);
-    let e = rt.block_on(submit(&url, huge)).expect_err("refused");
+    let e = rt.block_on(submit(&cluster, huge)).expect_err("refused");
     assert_eq!(e.code(), Code::InvalidArgument);
     let m = e.message();
     assert!(
@@ -81,7 +82,9 @@ fn submissions_past_their_bounds_or_outside_the_roots_are_refused_naming_the_key
     assert!(m.starts_with("checkpoint.dir: '"), "{m}");
     assert!(m.contains("outside the allowed directories"), "{m}");
     let with_data = spec("", "").replace("/usr/share/datasets/fashion-mnist", "/etc");
-    let e = rt.block_on(submit(&url, with_data)).expect_err("refused");
+    let e = rt
+        .block_on(submit(&cluster, with_data))
+        .expect_err("refused");
     assert!(
         e.message().starts_with("dataset.path: '/etc'"),
         "{}",
@@ -116,7 +119,7 @@ fn status_keeps_working_with_many_jobs_with_long_names() {
         for i in 0..jobs {
             let name = format!("{i:03}-{}", "x".repeat(124));
             let s = spec("", "").replace("fashion-mlp", &name);
-            submit(&cluster.coordinator, s).await.expect("accepted");
+            submit(&cluster, s).await.expect("accepted");
         }
     });
     let o = cluster.cli(&["status", "--json"]);
@@ -152,9 +155,9 @@ fn reports_from_a_non_member_are_refused_and_change_nothing() {
     let evil = cluster.dir.path().join("evil");
     let rt = runtime();
     let (eval, ckpt, finish) = rt.block_on(async {
-        let mut w = WorkerControlClient::connect(cluster.coordinator.clone())
-            .await
-            .expect("connect");
+        // A worker certificate: the fake is a cluster member's identity, not
+        // a member of this job's ring.
+        let mut w = WorkerControlClient::new(cluster.channel(CertRole::Worker).await);
         // A registered but idle worker, and one the coordinator never saw.
         let fake = w
             .register_worker(pb::RegisterWorkerRequest {
