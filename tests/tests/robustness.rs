@@ -157,9 +157,9 @@ fn a_nonfinite_gradient_skips_the_step_on_every_replica_or_fails_the_job() {
 /// on and trains the next job.
 #[test]
 fn a_trainer_panic_fails_the_job_and_the_worker_takes_new_work() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let spec = tiny_spec(dir.path(), false, "");
     let mut cluster = Cluster::start(1);
+    // Inside the cluster's directory: the coordinator confines data to its roots.
+    let spec = tiny_spec(cluster.dir.path(), false, "");
     let coordinator = cluster.coordinator.clone();
     let faulty = cluster.start_worker_with(
         &["env", "RINGTRAIN_FAULT_INJECT=trainer_panic_at_step=3"],
