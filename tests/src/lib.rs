@@ -420,12 +420,14 @@ pub fn http_get(addr: &str, path: &str) -> String {
         .unwrap_or_default()
 }
 
-/// `message` with `Authorization: Bearer TOKEN`.
-pub fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
+/// `message` with `Authorization: Bearer TOKEN` (none: no header).
+pub fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
     let mut r = tonic::Request::new(message);
-    r.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("header"),
-    );
+    if let Some(t) = token {
+        r.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {t}").parse().expect("header"),
+        );
+    }
     r
 }

@@ -48,17 +48,6 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(message);
-    if let Some(t) = token {
-        r.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {t}").parse().expect("header"),
-        );
-    }
-    r
-}
-
 /// Runs one call and checks how it was refused: with an allowed code, in time.
 async fn refused<T: std::fmt::Debug>(
     what: &str,

@@ -33,7 +33,7 @@ async fn submit(cluster: &Cluster, spec_toml: String) -> Result<String, tonic::S
             spec_toml,
             resume_from: String::new(),
         },
-        &cluster.admin_token(),
+        Some(&cluster.admin_token()),
     ))
     .await
     .map(|r| r.into_inner().job_id)

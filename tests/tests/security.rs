@@ -32,17 +32,6 @@ async fn channel(cluster: &Cluster, dir: &Path, role: CertRole) -> Channel {
 
 type Client = pb::coordinator_client::CoordinatorClient<Channel>;
 
-fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(message);
-    if let Some(t) = token {
-        r.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {t}").parse().expect("header"),
-        );
-    }
-    r
-}
-
 async fn list(c: &mut Client, token: Option<&str>) -> Result<pb::ListJobsResponse, tonic::Status> {
     c.list_jobs(with_token(pb::ListJobsRequest::default(), token))
         .await
