@@ -49,6 +49,10 @@ pub struct Args {
     /// Frame protection: aead, mac or none (the handshake runs in every mode).
     #[arg(long, default_value_t = RingSecurity::default())]
     security: RingSecurity,
+    /// Let ranks on this host (same network namespace) move frames through
+    /// shared memory instead of loopback TCP.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    shared_memory: bool,
 }
 
 #[derive(clap::Args, Clone)]
@@ -94,6 +98,7 @@ impl Args {
             segment_elems: (self.segment_kib * 1024 / 4).max(1),
             timeout: Duration::from_secs(self.timeout_s),
             security: self.security,
+            shared_memory: self.shared_memory,
         }
     }
 
@@ -108,6 +113,7 @@ impl Args {
             ("--segment-kib", self.segment_kib.to_string()),
             ("--timeout-s", self.timeout_s.to_string()),
             ("--security", self.security.to_string()),
+            ("--shared-memory", self.shared_memory.to_string()),
         ]
         .into_iter()
         .flat_map(|(k, v)| [k.to_string(), v])
@@ -189,7 +195,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let algbw = bytes as f64 / median / 1e9;
     let w = args.world as f64;
     let line = serde_json::json!({
-        "impl": format!("ringtrain-{}-{}", args.transport, args.security),
+        "impl": format!(
+            "ringtrain-{}{}-{}",
+            args.transport,
+            if args.shared_memory && args.transport == TransportKind::Tcp { "+shm" } else { "" },
+            args.security
+        ),
         "world": args.world,
         "elements": args.elements,
         "bytes": bytes,

@@ -437,6 +437,10 @@ struct GrpcSender {
 }
 
 impl FrameSender for GrpcSender {
+    fn plane(&self) -> &'static str {
+        "grpc"
+    }
+
     fn send(&mut self, h: &FrameHeader, payload: &[u8]) -> Result<(), RingError> {
         let payload = seal(&mut self.cipher, h, payload);
         let frame = RingFrame {

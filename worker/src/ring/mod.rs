@@ -18,6 +18,7 @@ pub mod grpc;
 pub mod inbox;
 pub mod layout;
 pub mod secure;
+pub mod shm;
 pub mod tcp;
 pub mod transport;
 
@@ -67,6 +68,9 @@ pub struct RingOptions {
     pub timeout: Duration,
     /// How frames are protected (both ends must agree).
     pub security: RingSecurity,
+    /// Whether a TCP link to a neighbour on this host (same network
+    /// namespace) may move its frames through shared memory.
+    pub shared_memory: bool,
 }
 
 /// Largest segment a ring sends: bounds the frame (and gRPC message) a peer
@@ -81,6 +85,7 @@ impl Default for RingOptions {
             segment_elems: 128 * 1024,
             timeout: Duration::from_secs(10),
             security: RingSecurity::default(),
+            shared_memory: true,
         }
     }
 }
@@ -182,6 +187,11 @@ impl Ring {
 
     pub fn spec(&self) -> &RingSpec {
         &self.spec
+    }
+
+    /// What frames to the right neighbour travel through (None in a world of 1).
+    pub fn plane(&self) -> Option<&'static str> {
+        self.links.as_ref().map(|l| l.sender.plane())
     }
 
     /// A handle that breaks this ring's links from another thread (a member

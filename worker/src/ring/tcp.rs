@@ -4,7 +4,7 @@
 //! Setup is async (accepting and handshaking under a deadline); the data path
 //! runs on the engine's blocking threads with socket timeouts as deadlines.
 
-use std::io::{IoSlice, Read, Write};
+use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +19,7 @@ use super::secure::{
     proof_matches, Hello, LinkCipher, RingKey, RingSecurity, Transcript, MAX_TAG_LEN, NONCE_LEN,
     PIECE_BYTES, PROOF_LEN,
 };
+use super::shm::{self, BATCH_PIECES};
 use super::transport::{FrameReceiver, FrameSender, LinkAbort, RingLinks};
 use super::{Peer, RingError, RingSpec, DIAL_BACKOFF};
 
@@ -41,6 +42,13 @@ const MAX_REASON: usize = 512;
 pub struct TcpInbound {
     stream: TcpStream,
     cipher: LinkCipher,
+}
+
+#[cfg(test)]
+impl TcpInbound {
+    pub(crate) fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
 }
 
 /// The local TCP ring endpoint: accepts neighbours, handshakes them and
@@ -254,30 +262,115 @@ pub async fn connect(spec: &RingSpec, inbox: &TcpInbox) -> Result<RingLinks, Rin
             from_left.stream.try_clone().map_err(|e| io(&left, e))?,
         ],
     });
-    let scratch = if send_cipher.encrypts() {
-        vec![0u8; PIECE_BYTES + MAX_TAG_LEN]
-    } else {
-        Vec::new()
-    };
+    let shared_memory = spec.options.shared_memory;
+    let (sender, receiver) = tokio::task::spawn_blocking({
+        let (left, right) = (left.clone(), right.clone());
+        move || {
+            planes(
+                (to_right, send_cipher, right),
+                (from_left.stream, from_left.cipher, left),
+                timeout,
+                shared_memory,
+            )
+        }
+    })
+    .await
+    .map_err(|e| RingError::Setup(format!("ring link setup failed: {e}")))??;
     Ok(RingLinks {
-        sender: Box::new(TcpSender {
-            stream: to_right,
-            peer: right.clone(),
-            timeout,
-            cipher: send_cipher,
-            scratch,
-        }),
-        receiver: Box::new(TcpReceiver {
-            stream: from_left.stream,
-            cipher: from_left.cipher,
-            peer: left.clone(),
-            timeout,
-            piece: vec![0u32; (PIECE_BYTES + MAX_TAG_LEN) / 4],
-        }),
+        sender,
+        receiver,
         left,
         right,
         abort,
     })
+}
+
+type Planes = (Box<dyn FrameSender>, Box<dyn FrameReceiver>);
+
+/// Chooses how frames travel on each of this rank's two links: through
+/// shared memory where the neighbour is on this host (see [`shm`]), else on
+/// the TCP connection itself. Every rank writes its offer before it reads
+/// anything, so the exchange cannot deadlock around the ring.
+fn planes(
+    (to_right, send_cipher, right): (TcpStream, LinkCipher, Peer),
+    (from_left, recv_cipher, left): (TcpStream, LinkCipher, Peer),
+    timeout: Duration,
+    shared_memory: bool,
+) -> Result<Planes, RingError> {
+    let offer = shm::Offer::create(shared_memory);
+    let during = "choosing the link's data plane";
+    (&to_right)
+        .write_all(&offer.to_bytes())
+        .map_err(|e| RingError::io(&right, during, timeout, e))?;
+    let mut theirs = [0u8; shm::OFFER_BYTES];
+    (&from_left)
+        .read_exact(&mut theirs)
+        .map_err(|e| RingError::io(&left, during, timeout, e))?;
+    let inbound = shm::take_offer(&theirs, shared_memory);
+    let answer = if inbound.is_some() {
+        shm::ANSWER_TAKEN
+    } else {
+        shm::ANSWER_DECLINED
+    };
+    (&from_left)
+        .write_all(&[answer])
+        .map_err(|e| RingError::io(&left, during, timeout, e))?;
+    let mut answer = [0u8; 1];
+    (&to_right)
+        .read_exact(&mut answer)
+        .map_err(|e| RingError::io(&right, during, timeout, e))?;
+    let taken = match answer[0] {
+        shm::ANSWER_TAKEN => true,
+        shm::ANSWER_DECLINED => false,
+        other => {
+            return Err(RingError::Setup(format!(
+                "{right} answered the data-plane offer with {other:#x}"
+            )))
+        }
+    };
+    let sender: Box<dyn FrameSender> = match offer.settle(taken) {
+        Some(map) => {
+            tracing::debug!(%right, "ring link to the right through shared memory");
+            Box::new(shm::ShmSender::new(
+                map,
+                to_right,
+                send_cipher,
+                right,
+                timeout,
+            ))
+        }
+        None => {
+            let scratch = if send_cipher.encrypts() {
+                vec![0u8; BATCH_PIECES * (PIECE_BYTES + MAX_TAG_LEN)]
+            } else {
+                Vec::new()
+            };
+            Box::new(TcpSender {
+                stream: to_right,
+                peer: right,
+                timeout,
+                cipher: send_cipher,
+                scratch,
+            })
+        }
+    };
+    let receiver: Box<dyn FrameReceiver> = match inbound {
+        Some(map) => Box::new(shm::ShmReceiver::new(
+            map,
+            from_left,
+            recv_cipher,
+            left,
+            timeout,
+        )),
+        None => Box::new(TcpReceiver {
+            stream: from_left,
+            cipher: recv_cipher,
+            peer: left,
+            timeout,
+            pieces: vec![0u32; BATCH_PIECES * (PIECE_BYTES + MAX_TAG_LEN) / 4],
+        }),
+    };
+    Ok((sender, receiver))
 }
 
 /// How one dial attempt ended, short of an I/O error.
@@ -411,9 +504,33 @@ fn write_all_vectored(stream: &mut TcpStream, mut bufs: &mut [IoSlice<'_>]) -> s
     Ok(())
 }
 
+/// Reads until every byte of `bufs` is filled.
+fn read_exact_vectored(
+    stream: &mut TcpStream,
+    mut bufs: &mut [IoSliceMut<'_>],
+) -> std::io::Result<()> {
+    IoSliceMut::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match stream.read_vectored(bufs) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => IoSliceMut::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The bytes of piece `i` of a payload of `total` bytes.
+fn piece_range(total: usize, i: usize) -> std::ops::Range<usize> {
+    (i * PIECE_BYTES).min(total)..((i + 1) * PIECE_BYTES).min(total)
+}
+
 impl TcpSender {
-    /// Header, then each piece followed by its tag. The header goes out with
-    /// the first piece, so it never travels alone.
+    /// Header, then each piece followed by its tag, [`BATCH_PIECES`] pieces
+    /// per write: one syscall per 64 KiB piece cost more than the sealing
+    /// saved by staying in L1. The header goes out with the first batch, so
+    /// it never travels alone.
     fn send_sealed(
         &mut self,
         head: &[u8; FrameHeader::LEN],
@@ -421,32 +538,38 @@ impl TcpSender {
     ) -> std::io::Result<()> {
         let tag_len = self.cipher.tag_len();
         let pieces = self.cipher.pieces(payload.len());
-        let mut tag = [0u8; MAX_TAG_LEN];
-        for i in 0..pieces {
-            let data = &payload
-                [(i * PIECE_BYTES).min(payload.len())..((i + 1) * PIECE_BYTES).min(payload.len())];
-            let first: &[u8] = if i == 0 { head } else { &[] };
+        for batch in (0..pieces).step_by(BATCH_PIECES) {
+            let end = (batch + BATCH_PIECES).min(pieces);
+            let first: &[u8] = if batch == 0 { head } else { &[] };
             if self.cipher.encrypts() {
-                let n = data.len();
-                let (body, t) = self.scratch.split_at_mut(n);
-                body.copy_from_slice(data);
-                self.cipher
-                    .seal_in_place(head, i as u32, body, &mut t[..tag_len]);
-                let sealed = &self.scratch[..n + tag_len];
+                // Sealing rewrites the bytes: seal a copy, never the caller's values.
+                let mut at = 0;
+                for i in batch..end {
+                    let data = &payload[piece_range(payload.len(), i)];
+                    let (body, rest) = self.scratch[at..].split_at_mut(data.len());
+                    body.copy_from_slice(data);
+                    self.cipher
+                        .seal_in_place(head, i as u32, body, &mut rest[..tag_len]);
+                    at += data.len() + tag_len;
+                }
                 write_all_vectored(
                     &mut self.stream,
-                    &mut [IoSlice::new(first), IoSlice::new(sealed)],
+                    &mut [IoSlice::new(first), IoSlice::new(&self.scratch[..at])],
                 )?;
             } else {
-                self.cipher.tag(head, i as u32, data, &mut tag[..tag_len]);
-                write_all_vectored(
-                    &mut self.stream,
-                    &mut [
-                        IoSlice::new(first),
-                        IoSlice::new(data),
-                        IoSlice::new(&tag[..tag_len]),
-                    ],
-                )?;
+                let mut tags = [[0u8; MAX_TAG_LEN]; BATCH_PIECES];
+                for i in batch..end {
+                    let data = &payload[piece_range(payload.len(), i)];
+                    self.cipher
+                        .tag(head, i as u32, data, &mut tags[i - batch][..tag_len]);
+                }
+                let mut bufs = Vec::with_capacity(1 + 2 * BATCH_PIECES);
+                bufs.push(IoSlice::new(first));
+                for i in batch..end {
+                    bufs.push(IoSlice::new(&payload[piece_range(payload.len(), i)]));
+                    bufs.push(IoSlice::new(&tags[i - batch][..tag_len]));
+                }
+                write_all_vectored(&mut self.stream, &mut bufs)?;
             }
         }
         Ok(())
@@ -454,6 +577,10 @@ impl TcpSender {
 }
 
 impl FrameSender for TcpSender {
+    fn plane(&self) -> &'static str {
+        "tcp"
+    }
+
     fn send(&mut self, header: &FrameHeader, payload: &[u8]) -> Result<(), RingError> {
         let head = header.to_bytes();
         let sent = if self.cipher.protects() {
@@ -481,8 +608,9 @@ struct TcpReceiver {
     cipher: LinkCipher,
     peer: Peer,
     timeout: Duration,
-    /// One sealed piece: small enough to stay in L1/L2 while the engine sums it.
-    piece: Vec<u32>,
+    /// A batch of sealed pieces: small enough to stay in L2 while the engine
+    /// sums it (u32 so every piece is 4-aligned for the f32 sink).
+    pieces: Vec<u32>,
 }
 
 impl TcpReceiver {
@@ -517,7 +645,7 @@ impl TcpReceiver {
     }
 
     /// Hands each checked piece of the next frame to `sink`; nothing unchecked
-    /// reaches it.
+    /// reaches it. Reads [`BATCH_PIECES`] pieces per syscall.
     fn recv_checked(
         &mut self,
         expected: &FrameHeader,
@@ -531,30 +659,79 @@ impl TcpReceiver {
         } else {
             total.div_ceil(PIECE_BYTES)
         };
-        let mut result = Ok(());
-        for i in 0..pieces {
-            let n = (total - (i * PIECE_BYTES).min(total)).min(PIECE_BYTES);
-            let buf = &mut bytemuck::cast_slice_mut::<u32, u8>(&mut self.piece)[..n + tag_len];
-            if let Err(e) = self.stream.read_exact(buf) {
-                result = Err(RingError::io(
-                    &self.peer,
-                    Self::during(expected),
-                    self.timeout,
-                    e,
-                ));
-                break;
-            }
-            match self.cipher.open_in_place(&head, i as u32, buf) {
-                Ok(plain) => sink(plain),
-                Err(e) => {
-                    result = Err(RingError::Refused {
-                        peer: self.peer.clone(),
-                        source: e,
-                    });
-                    break;
+        let result = (|| {
+            for batch in (0..pieces).step_by(BATCH_PIECES) {
+                let end = (batch + BATCH_PIECES).min(pieces);
+                let bytes: usize = (batch..end)
+                    .map(|i| piece_range(total, i).len() + tag_len)
+                    .sum();
+                let buf = &mut bytemuck::cast_slice_mut::<u32, u8>(&mut self.pieces)[..bytes];
+                self.stream.read_exact(buf).map_err(|e| {
+                    RingError::io(&self.peer, Self::during(expected), self.timeout, e)
+                })?;
+                let mut at = 0;
+                for i in batch..end {
+                    let n = piece_range(total, i).len() + tag_len;
+                    let plain = self
+                        .cipher
+                        .open_in_place(&head, i as u32, &mut buf[at..at + n])
+                        .map_err(|source| RingError::Refused {
+                            peer: self.peer.clone(),
+                            source,
+                        })?;
+                    sink(plain);
+                    at += n;
                 }
             }
-        }
+            Ok(())
+        })();
+        self.cipher.next_frame();
+        result
+    }
+
+    /// Reads a sealed frame straight into `payload` (tags apart) and opens it
+    /// there: no copy. On an error `payload` holds unchecked bytes; the
+    /// all-reduce fails, and its caller discards the buffer.
+    fn recv_in_place(
+        &mut self,
+        expected: &FrameHeader,
+        payload: &mut [u8],
+    ) -> Result<(), RingError> {
+        let head = self.header(expected)?;
+        let total = payload.len();
+        let tag_len = self.cipher.tag_len();
+        let pieces = self.cipher.pieces(total);
+        let mut tags = [[0u8; MAX_TAG_LEN]; BATCH_PIECES];
+        let result = (|| {
+            for batch in (0..pieces).step_by(BATCH_PIECES) {
+                let end = (batch + BATCH_PIECES).min(pieces);
+                let span = piece_range(total, batch).start..piece_range(total, end - 1).end;
+                {
+                    let mut bufs = Vec::with_capacity(2 * BATCH_PIECES);
+                    let mut rest = &mut payload[span.clone()];
+                    for tag in tags.iter_mut().take(end - batch) {
+                        let (body, tail) = rest.split_at_mut(rest.len().min(PIECE_BYTES));
+                        bufs.push(IoSliceMut::new(body));
+                        bufs.push(IoSliceMut::new(&mut tag[..tag_len]));
+                        rest = tail;
+                    }
+                    read_exact_vectored(&mut self.stream, &mut bufs).map_err(|e| {
+                        RingError::io(&self.peer, Self::during(expected), self.timeout, e)
+                    })?;
+                }
+                for i in batch..end {
+                    self.cipher
+                        .open_detached(
+                            &head,
+                            i as u32,
+                            &mut payload[piece_range(total, i)],
+                            &tags[i - batch][..tag_len],
+                        )
+                        .map_err(|e| self.refused(e))?;
+                }
+            }
+            Ok(())
+        })();
         self.cipher.next_frame();
         result
     }
@@ -579,10 +756,7 @@ impl FrameReceiver for TcpReceiver {
                 .read_exact(payload)
                 .map_err(|e| self.io(expected, e));
         }
-        let mut at = 0;
-        self.recv_checked(expected, &mut |piece| {
-            payload[at..at + piece.len()].copy_from_slice(piece);
-            at += piece.len();
-        })
+        debug_assert_eq!(expected.payload_bytes(), payload.len());
+        self.recv_in_place(expected, payload)
     }
 }

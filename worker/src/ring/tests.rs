@@ -144,13 +144,42 @@ async fn tcp_sums_are_exact_for_every_world_size_and_odd_lengths() {
         &[0, 1, 5, 1001, 20_011],
     )
     .await;
-    // Segments of several sealed pieces, in every mode.
-    for security in [RingSecurity::Aead, RingSecurity::Mac, RingSecurity::None] {
+    // Segments of several sealed pieces, in every mode, on both planes.
+    for shared_memory in [true, false] {
+        for security in [RingSecurity::Aead, RingSecurity::Mac, RingSecurity::None] {
+            let opts = RingOptions {
+                security,
+                shared_memory,
+                ..options(TransportKind::Tcp, 100_003)
+            };
+            check_ring(&opts, 3, 300_007).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_host_links_use_shared_memory_unless_disabled_and_sum_alike() {
+    for (shared_memory, plane) in [(true, "shared-memory"), (false, "tcp")] {
         let opts = RingOptions {
-            security,
-            ..options(TransportKind::Tcp, 100_003)
+            shared_memory,
+            ..options(TransportKind::Tcp, 97)
         };
-        check_ring(&opts, 3, 300_007).await;
+        let rings = ring_of(4, &opts).await;
+        for ring in &rings {
+            assert_eq!(ring.plane(), Some(plane), "shared_memory = {shared_memory}");
+        }
+        let len = 20_011;
+        let inputs: Vec<_> = (0..4).map(|r| input(r, len)).collect();
+        let expected: Vec<f32> = (0..len)
+            .map(|i| inputs.iter().map(|v| v[i]).sum())
+            .collect();
+        let outs =
+            tokio::task::spawn_blocking(move || all_reduce_all(rings, inputs, ReduceOp::Sum))
+                .await
+                .expect("join");
+        for out in outs {
+            assert_eq!(out.expect("all-reduce"), expected, "{plane}");
+        }
     }
 }
 
@@ -293,6 +322,10 @@ async fn rogue_dial(target: &str, hello: secure::Hello, key: &RingKey) -> Result
     if verdict != 0 {
         return Err(format!("refused ({verdict}): {}", reason(&mut s).await));
     }
+    // Frames on this TCP connection: offer no shared memory.
+    s.write_all(&super::shm::Offer::create(false).to_bytes())
+        .await
+        .map_err(io)?;
     Ok(Rogue {
         stream: s,
         cipher: secure::LinkCipher::new(hello.security, &t.session_key(key)),
@@ -439,13 +472,15 @@ async fn ring_with_rogue_left(security: RingSecurity) -> (Ring, Rogue, tcp::TcpI
     let rogue = rogue_dial(&me.addr, hello(1, 1, 0, security), &ring_key())
         .await
         .expect("the key holder is accepted");
-    let ring = mine.await.expect("task").expect("ring connects");
-    // Hold rank 0's link to the right open for the rest of the test.
+    // Hold rank 0's link to the right open for the rest of the test, on TCP.
     let to_right = right_inbox
         .inbox
         .claim(right_key, Duration::from_secs(5))
         .await
         .expect("rank 0 dialled its right");
+    std::io::Write::write_all(&mut to_right.stream(), &[super::shm::ANSWER_DECLINED])
+        .expect("decline shared memory");
+    let ring = mine.await.expect("task").expect("ring connects");
     drop(expecting);
     (ring, rogue, to_right)
 }

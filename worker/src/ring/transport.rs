@@ -10,6 +10,10 @@ use super::{Peer, RingError};
 /// Sending half of a link, to the right neighbour.
 pub trait FrameSender: Send {
     fn send(&mut self, header: &FrameHeader, payload: &[u8]) -> Result<(), RingError>;
+
+    /// What the frames travel through ("tcp", "grpc", "shared-memory"), for
+    /// logs and benchmarks.
+    fn plane(&self) -> &'static str;
 }
 
 /// Receiving half of a link, from the left neighbour.
