@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: unit tests beside the code and the end-to-end tests in
 # tests/ (real ringtrain processes), then the shell tests in tests/deploy/:
-# Prometheus against a local run, the Kubernetes manifests rendered and
+# Prometheus against a local run, the Python client (clients/python) against
+# a local cluster, the Kubernetes manifests rendered and
 # schema-checked offline, and the docker-compose deployment (SKIPPED
 # where no Docker engine answers; under CI, which has everything, a test that
 # cannot do its real check fails instead). Installs what is missing first.
@@ -22,6 +23,8 @@ echo "== tests" >&2
 cargo test --release --workspace -- --test-threads=2
 echo "== Prometheus scraping a local run" >&2
 tests/deploy/prometheus-local.sh
+echo "== Python client" >&2
+tests/deploy/python-client.sh
 echo "== Kubernetes manifests render and validate" >&2
 tests/deploy/k8s-render.sh
 echo "== docker-compose end to end" >&2

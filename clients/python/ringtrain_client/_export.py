@@ -1,7 +1,9 @@
 """torch.nn.Module -> TorchScript bytes, as ringtrain's workers load them
 (README, "Bring your own model"; examples/export_model.py). Needs torch,
 imported only here."""
+import contextlib
 import io
+import warnings
 
 
 def export_module(module, example_inputs=None):
@@ -25,11 +27,12 @@ def export_module(module, example_inputs=None):
         scripted = module
     elif isinstance(module, torch.nn.Module):
         try:
-            if example_inputs is None:
-                scripted = torch.jit.script(module)
-            else:
-                inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-                scripted = torch.jit.trace(module, inputs)
+            with _torchscript_is_the_point():
+                if example_inputs is None:
+                    scripted = torch.jit.script(module)
+                else:
+                    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+                    scripted = torch.jit.trace(module, inputs)
         except Exception as e:  # torch raises many kinds here
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             how = "trace" if example_inputs is not None else "script"
@@ -40,5 +43,16 @@ def export_module(module, example_inputs=None):
     else:
         raise TypeError(f"not a torch.nn.Module: {type(module).__name__}")
     buf = io.BytesIO()
-    torch.jit.save(scripted, buf)
+    with _torchscript_is_the_point():
+        torch.jit.save(scripted, buf)
     return buf.getvalue()
+
+
+@contextlib.contextmanager
+def _torchscript_is_the_point():
+    """Recent torch marks torch.jit deprecated (in favour of torch.export);
+    TorchScript is what ringtrain's workers load, so that warning is only
+    noise here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.jit")
+        yield
