@@ -7,7 +7,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::env::set_var("PROTOC", protoc);
     }
     println!("cargo:rerun-if-changed=ringtrain.proto");
+    let descriptors =
+        std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("ringtrain_descriptor.bin");
     tonic_prost_build::configure()
+        // For gRPC server reflection (grpcurl and friends).
+        .file_descriptor_set_path(descriptors)
         // Gradient payloads are `bytes::Bytes`, so decoding does not copy them again.
         .bytes(".ringtrain.v1.RingFrame.payload")
         .bytes(".ringtrain.v1.FileChunk.data")

@@ -6,6 +6,7 @@
 pub mod curve;
 pub mod data_plan;
 pub mod grpc_status;
+pub mod health;
 pub mod ids;
 pub mod job_state;
 pub mod jobspec;

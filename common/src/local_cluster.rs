@@ -128,6 +128,8 @@ impl LocalCluster {
             listen,
             "--metrics-listen",
             "127.0.0.1:0",
+            "--health-listen",
+            "127.0.0.1:0",
             "--data-dir",
             &data,
         ]
@@ -180,6 +182,8 @@ impl LocalCluster {
             "--ring-listen",
             listen,
             "--metrics-listen",
+            "127.0.0.1:0",
+            "--health-listen",
             "127.0.0.1:0",
             "--advertise-host",
             &advertise,

@@ -11,6 +11,9 @@ pub struct CoordinatorConfig {
     pub listen: String,
     /// Prometheus `/metrics` listen address; empty disables it.
     pub metrics_listen: String,
+    /// Plaintext grpc.health.v1-only listen address (Kubernetes gRPC
+    /// probes); empty disables it.
+    pub health_listen: String,
     /// Where jobs without a checkpoint dir of their own write checkpoints.
     pub data_dir: PathBuf,
     pub heartbeat_interval_ms: u64,
@@ -69,6 +72,7 @@ impl Default for CoordinatorConfig {
         Self {
             listen: "0.0.0.0:50051".into(),
             metrics_listen: "0.0.0.0:9090".into(),
+            health_listen: String::new(),
             data_dir: PathBuf::from("ringtrain-data"),
             heartbeat_interval_ms: 200,
             worker_timeout_ms: 3000,

@@ -26,6 +26,10 @@ pub enum ServeError {
     Tls(#[from] ringtrain_common::security::TlsError),
     #[error(transparent)]
     Tokens(#[from] ringtrain_common::security::TokensError),
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("{0}")]
+    Listen(#[from] std::io::Error),
 }
 
 /// The coordinator's security from its config: a TLS dir (with its tokens
@@ -40,8 +44,11 @@ pub fn security(config: &CoordinatorConfig) -> Result<Security, ServeError> {
 }
 
 /// Serves until `shutdown`. Jobs persist in `<data_dir>/coordinator.redb`.
+/// `health_listener`, if any, serves grpc.health.v1 alone in the clear
+/// (config `health_listen`: Kubernetes' gRPC probes speak no TLS).
 pub async fn serve(
     listener: TcpListener,
+    health_listener: Option<TcpListener>,
     config: CoordinatorConfig,
     metrics: Metrics,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -62,6 +69,11 @@ pub async fn serve(
     health_reporter
         .set_serving::<pb::coordinator_server::CoordinatorServer<Coordinator>>()
         .await;
+    // Held until the server stops.
+    let _health_in_clear = match health_listener {
+        Some(l) => Some(ringtrain_common::health::serve_in_clear(l, health.clone())?),
+        None => None,
+    };
     let closer = coordinator.clone();
     // Watch streams would hold a graceful shutdown open until their jobs end.
     let shutdown = async move {
@@ -72,6 +84,8 @@ pub async fn serve(
         .server(tonic::transport::Server::builder(), CertRole::Coordinator)?
         .layer(ringtrain_common::grpc_status::oversize_layer())
         .add_service(health)
+        .add_service(pb::reflection::v1()?)
+        .add_service(pb::reflection::v1alpha()?)
         .add_service(
             pb::coordinator_server::CoordinatorServer::new(coordinator.clone())
                 .max_decoding_message_size(MAX_CLIENT_MESSAGE_BYTES),

@@ -17,6 +17,9 @@ pub struct WorkerConfig {
     pub advertise_host: String,
     /// Prometheus `/metrics` listen address; empty disables it.
     pub metrics_listen: String,
+    /// Plaintext grpc.health.v1-only listen address (Kubernetes gRPC
+    /// probes); empty disables it.
+    pub health_listen: String,
     /// How long to keep trying to reach the coordinator at start-up.
     pub connect_timeout_s: f64,
     /// TLS dir (`ringtrain certs init`): mutual TLS to the coordinator, for
@@ -34,6 +37,7 @@ impl Default for WorkerConfig {
             ring_listen: "0.0.0.0:50053".into(),
             advertise_host: String::new(),
             metrics_listen: "0.0.0.0:9091".into(),
+            health_listen: String::new(),
             connect_timeout_s: 10.0,
             tls_dir: String::new(),
             insecure: false,

@@ -34,12 +34,16 @@ pub enum WorkerError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error("gRPC reflection: {0}")]
+    Reflection(String),
 }
 
 /// The worker's already-bound listeners.
 pub struct Listeners {
     pub grpc: TcpListener,
     pub ring: TcpListener,
+    /// grpc.health.v1 alone, in the clear (config `health_listen`).
+    pub health: Option<TcpListener>,
 }
 
 /// The addresses this worker serves on, once it is up.
@@ -156,11 +160,18 @@ pub async fn run(
     health_reporter
         .set_serving::<pb::ring_server::RingServer<grpc::RingService>>()
         .await;
+    // Held until `run` returns.
+    let _health_in_clear = match listeners.health {
+        Some(l) => Some(ringtrain_common::health::serve_in_clear(l, health.clone())?),
+        None => None,
+    };
     let agent = crate::agent::AgentService::default();
     let server = transport
         .server(grpc::server_builder(), CertRole::Worker)?
         .layer(ringtrain_common::grpc_status::oversize_layer())
         .add_service(health)
+        .add_service(pb::reflection::v1().map_err(|e| WorkerError::Reflection(e.to_string()))?)
+        .add_service(pb::reflection::v1alpha().map_err(|e| WorkerError::Reflection(e.to_string()))?)
         .add_service(grpc::RingService::new(grpc_inbox.clone()).into_server())
         .add_service(agent.clone().into_server())
         .serve_with_incoming_shutdown(

@@ -24,6 +24,10 @@ pub struct CoordinatorArgs {
     listen: Option<String>,
     #[arg(long)]
     metrics_listen: Option<String>,
+    /// Plaintext listen address serving grpc.health.v1 only (Kubernetes
+    /// gRPC probes speak no TLS); unset: none.
+    #[arg(long)]
+    health_listen: Option<String>,
     #[arg(long)]
     data_dir: Option<String>,
     /// A directory a job's data may come from (repeat for several;
@@ -81,6 +85,10 @@ pub struct WorkerArgs {
     advertise_host: Option<String>,
     #[arg(long)]
     metrics_listen: Option<String>,
+    /// Plaintext listen address serving grpc.health.v1 only (Kubernetes
+    /// gRPC probes speak no TLS); unset: none.
+    #[arg(long)]
+    health_listen: Option<String>,
     #[arg(long)]
     connect_timeout_s: Option<String>,
     /// Write {"grpc", "ring", "worker_id", "metrics"} here once registered.
@@ -94,6 +102,21 @@ async fn bind(what: &str, addr: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen for {what} on {addr}"))
+}
+
+/// The plaintext health listener, when `addr` names one.
+async fn bind_health(addr: &str) -> anyhow::Result<Option<TcpListener>> {
+    if addr.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(bind("health checks", addr).await?))
+}
+
+fn local(listener: &Option<TcpListener>) -> Option<String> {
+    listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map(|a| a.to_string())
 }
 
 async fn start_metrics(addr: &str, metrics: &Metrics) -> anyhow::Result<Option<String>> {
@@ -113,6 +136,7 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         &[
             ("listen", args.listen),
             ("metrics_listen", args.metrics_listen),
+            ("health_listen", args.health_listen),
             ("data_dir", args.data_dir),
             ("checkpoint_root", args.checkpoint_root),
             ("max_workers", args.max_workers),
@@ -133,11 +157,16 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         let grpc = listener.local_addr()?.to_string();
         let metrics = Metrics::default();
         let metrics_addr = start_metrics(&config.metrics_listen, &metrics).await?;
-        info!(%grpc, metrics = ?metrics_addr, data_dir = %config.data_dir.display(), "coordinator listening");
+        let health = bind_health(&config.health_listen).await?;
+        let health_addr = local(&health);
+        info!(%grpc, metrics = ?metrics_addr, health = ?health_addr, data_dir = %config.data_dir.display(), "coordinator listening");
         if let Some(path) = &args.ready_file {
-            settings::write_ready_file(path, &serde_json::json!({"grpc": grpc, "metrics": metrics_addr}))?;
+            settings::write_ready_file(
+                path,
+                &serde_json::json!({"grpc": grpc, "metrics": metrics_addr, "health": health_addr}),
+            )?;
         }
-        ringtrain_coordinator::serve(listener, config, metrics, shutdown_signal())
+        ringtrain_coordinator::serve(listener, health, config, metrics, shutdown_signal())
             .await
             .context("coordinator server")?;
         info!("coordinator stopped");
@@ -157,6 +186,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
             ("ring_listen", args.ring_listen),
             ("advertise_host", args.advertise_host),
             ("metrics_listen", args.metrics_listen),
+            ("health_listen", args.health_listen),
             ("connect_timeout_s", args.connect_timeout_s),
         ],
     )?;
@@ -165,7 +195,9 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         let listeners = ringtrain_worker::service::Listeners {
             grpc: bind("gRPC", &config.listen).await?,
             ring: bind("the ring", &config.ring_listen).await?,
+            health: bind_health(&config.health_listen).await?,
         };
+        let health_addr = local(&listeners.health);
         let metrics = Metrics::default();
         let metrics_addr = start_metrics(&config.metrics_listen, &metrics).await?;
         let ready_file = args.ready_file.clone();
@@ -175,6 +207,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
                 let v = serde_json::json!({
                     "grpc": ready.grpc, "ring": ready.ring,
                     "worker_id": ready.worker_id.to_string(), "metrics": metrics_addr,
+                    "health": health_addr,
                 });
                 ready_error = settings::write_ready_file(path, &v).err();
             }
