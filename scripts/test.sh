@@ -3,7 +3,7 @@
 # tests/ (real ringtrain processes), then the shell tests in tests/deploy/:
 # Prometheus against a local run, the Python client (clients/python) against
 # a local cluster, the Kubernetes manifests rendered and
-# schema-checked offline, and the docker-compose deployment (SKIPPED
+# schema-checked offline, the docker-compose and Docker Swarm deployments (SKIPPED
 # where no Docker engine answers; under CI, which has everything, a test that
 # cannot do its real check fails instead). Installs what is missing first.
 # Long soak and benchmark runs are not here: see README ("Benchmarks").
@@ -29,3 +29,5 @@ echo "== Kubernetes manifests render and validate" >&2
 tests/deploy/k8s-render.sh
 echo "== docker-compose end to end" >&2
 tests/deploy/compose-e2e.sh
+echo "== Docker Swarm end to end" >&2
+tests/deploy/swarm-e2e.sh
