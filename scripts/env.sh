@@ -11,8 +11,9 @@ export RINGTRAIN_DATA=${RINGTRAIN_DATA:-/usr/share/datasets/fashion-mnist}
 # gRPC, protobuf, pytest and pandas: the Python client's tests
 # (tests/deploy/python-client.sh).
 # kubernetes-validate: the Kubernetes JSON schemas (tests/deploy/k8s-render.sh).
-PY_MODULES=(numpy safetensors grpc grpc_tools google.protobuf pytest pandas kubernetes_validate)
-PY_PACKAGES=(numpy safetensors grpcio grpcio-tools protobuf pytest pandas kubernetes-validate)
+# tensorboard: reads jobs' event files back (tests/tests/tensorboard.rs).
+PY_MODULES=(numpy safetensors grpc grpc_tools google.protobuf pytest pandas kubernetes_validate tensorboard)
+PY_PACKAGES=(numpy safetensors grpcio grpcio-tools protobuf pytest pandas kubernetes-validate tensorboard)
 
 ensure_venv() {
   if ! "$ROOT/.venv/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then

@@ -423,7 +423,7 @@ pub struct ScheduleSpec {
     pub min_lr: f64,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointSpec {
     /// Where checkpoints go; empty = the coordinator's data dir / job id.
@@ -432,6 +432,21 @@ pub struct CheckpointSpec {
     /// Also checkpoint every N steps (0 = only at the end).
     #[serde(default)]
     pub every_steps: u64,
+    /// The coordinator writes the job's scalars (loss, samples/s, all-reduce
+    /// seconds, test accuracy and loss) as TensorBoard event files in the
+    /// checkpoint directory.
+    #[serde(default = "yes")]
+    pub tensorboard: bool,
+}
+
+impl Default for CheckpointSpec {
+    fn default() -> Self {
+        Self {
+            dir: String::new(),
+            every_steps: 0,
+            tensorboard: true,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -1008,6 +1023,31 @@ momentum = 0.9
             err.contains("max_workers (2) must be at least workers (4)"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn tensorboard_is_on_unless_the_checkpoint_section_turns_it_off() {
+        let spec = JobSpec::parse(EXAMPLE, &[]).unwrap();
+        assert!(spec.checkpoint.tensorboard, "no [checkpoint] section");
+        let dir_only = format!("{EXAMPLE}[checkpoint]\ndir = \"/ckpt\"\n");
+        assert!(
+            JobSpec::parse(&dir_only, &[])
+                .unwrap()
+                .checkpoint
+                .tensorboard
+        );
+        let off = JobSpec::parse(EXAMPLE, &["checkpoint.tensorboard=false".into()]).unwrap();
+        assert!(!off.checkpoint.tensorboard);
+        let again = JobSpec::parse(&off.to_toml(), &[]).unwrap();
+        assert_eq!(again, off, "round trip keeps it off");
+        let err = JobSpec::parse(EXAMPLE, &["checkpoint.tensorbaord=false".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tensorbaord"), "{err}");
+        let err = JobSpec::parse(EXAMPLE, &["checkpoint.tensorboard=3".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("checkpoint.tensorboard"), "{err}");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Pieces every ringtrain crate shares: id newtypes and the job lifecycle's
 //! vocabulary, the job spec, the data plan (which samples each step uses),
-//! the ring wire codec, training curves, metrics, tracing setup, and the
-//! process and connection helpers the binary and the tests use.
+//! the ring wire codec, training curves (and their TensorBoard event
+//! files), metrics, tracing setup, and the process and connection helpers
+//! the binary and the tests use.
 
 pub mod curve;
 pub mod data_plan;
@@ -18,6 +19,7 @@ pub mod retry;
 pub mod ring_key;
 pub mod security;
 pub mod telemetry;
+pub mod tensorboard;
 pub mod testing;
 pub mod wire;
 pub mod worker_api;

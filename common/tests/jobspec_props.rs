@@ -210,6 +210,7 @@ prop_compose! {
         every_steps in 0u64..1000,
         threads in 1usize..8,
         skip in any::<bool>(),
+        tensorboard in any::<bool>(),
     ) -> JobSpec {
         JobSpec {
             name: "x".into(),
@@ -252,7 +253,7 @@ prop_compose! {
             strict: true,
             freeze: Vec::new(),
             reinit: Vec::new(),
-            checkpoint: CheckpointSpec { dir: String::new(), every_steps },
+            checkpoint: CheckpointSpec { dir: String::new(), every_steps, tensorboard },
             ring: RingSpecOptions::default(),
             threads,
             on_nonfinite: if skip { OnNonFinite::SkipStep } else { OnNonFinite::Fail },

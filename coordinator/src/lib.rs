@@ -12,8 +12,9 @@
 //!   so a restart loses no job.
 //! - [`models`], [`blobs`]: models users upload (kept by content hash) and
 //!   the dry run that checks a submission on a worker.
-//! - [`metrics`], [`report`]: what effects become outside: Prometheus
-//!   metrics, and each job's metrics.csv/png.
+//! - [`metrics`], [`report`], [`tensorboard`]: what effects become outside:
+//!   Prometheus metrics, each job's metrics.csv/png and its TensorBoard
+//!   event files.
 //! - [`server`]: wiring: listeners, periodic ticks, shutdown.
 
 pub mod access;
@@ -30,6 +31,7 @@ pub mod server;
 pub mod service;
 pub mod state;
 pub mod store;
+pub mod tensorboard;
 pub mod watch;
 
 pub use config::CoordinatorConfig;

@@ -1,7 +1,7 @@
 //! Applies the [`Effects`] of state changes, in the order the changes were
 //! made, after the state lock is released: events to each job's watchers,
 //! records to the store's writer thread, observations to the metrics, curves
-//! to the report writer.
+//! to the report writer, scalars to the TensorBoard writer.
 //!
 //! Ordering: a handler takes the outbox lock before it releases the state
 //! lock (hand over hand), so effects are published in the order their
@@ -17,6 +17,7 @@ use tokio::sync::broadcast;
 use crate::report::ReportWriter;
 use crate::state::{Effects, JobEvent};
 use crate::store::{Durable, StoreWriter};
+use crate::tensorboard::TensorBoardWriter;
 
 /// Events a slow watcher may fall behind by before it skips to a snapshot.
 const WATCH_BACKLOG: usize = 1024;
@@ -26,6 +27,7 @@ pub struct Sinks {
     pub metrics: Metrics,
     pub store: StoreWriter,
     pub reports: ReportWriter,
+    pub tensorboard: TensorBoardWriter,
 }
 
 #[derive(Default)]
@@ -68,6 +70,9 @@ impl Outbox {
         }
         for r in fx.reports {
             sinks.reports.submit(r.dir, r.title, r.rows);
+        }
+        for op in fx.tensorboard {
+            sinks.tensorboard.submit(op);
         }
         durable
     }

@@ -186,6 +186,7 @@ impl Coordinator {
                     metrics,
                     store,
                     reports: Default::default(),
+                    tensorboard: Default::default(),
                 },
                 config,
                 security,
@@ -270,10 +271,11 @@ impl Coordinator {
         self.inner.closing.send_replace(true);
     }
 
-    /// Writes what is still queued for the store and the reports (blocking;
-    /// at shutdown).
+    /// Writes what is still queued for the store, the reports and the
+    /// TensorBoard files (blocking; at shutdown).
     pub fn finish_writes(&self) {
         self.inner.sinks.store.finish();
         self.inner.sinks.reports.finish();
+        self.inner.sinks.tensorboard.finish();
     }
 }

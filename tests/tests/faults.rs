@@ -260,6 +260,22 @@ fn a_worker_joining_mid_run_gets_the_state_and_the_job_finishes_with_three() {
         ids.len() > 600 * 128,
         "steps after the join used three workers' batches"
     );
+    // The TensorBoard curve goes on across the re-formation: every step
+    // once, in order (the file is flushed as the job ends).
+    let dir = std::path::PathBuf::from(end["checkpoint_dir"].as_str().expect("dir"));
+    let loss_steps = || -> Vec<i64> {
+        ringtrain_common::tensorboard::read_run(&dir)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|s| s.tag == "loss")
+            .map(|s| s.step)
+            .collect()
+    };
+    let want: Vec<i64> = (1..=600).collect();
+    wait_for("the TensorBoard curve", Duration::from_secs(15), || {
+        (loss_steps().last() == Some(&600)).then_some(())
+    });
+    assert_eq!(loss_steps(), want);
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! What a change of state asks the outside world to do, once the state lock
-//! is released: tell watchers, persist, count, and draw curves.
+//! is released: tell watchers, persist, count, draw curves, and log
+//! TensorBoard scalars.
 
 use std::path::PathBuf;
 
@@ -82,6 +83,23 @@ pub struct ReportRequest {
     pub rows: Vec<MetricRow>,
 }
 
+/// Scalars for a job's TensorBoard event files (see `crate::tensorboard`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum TensorBoardOp {
+    /// Append `values` (tag, value) at `step`, in an event file of `dir`.
+    Scalars {
+        job: JobId,
+        dir: PathBuf,
+        step: u64,
+        values: Vec<(&'static str, f64)>,
+        /// The job went back to an earlier step (it rolled back to a
+        /// checkpoint): TensorBoard drops the curve from `step` on.
+        restart: bool,
+    },
+    /// The job ended: flush and close its file.
+    Close { job: JobId },
+}
+
 /// Everything one change asks for, in the order it happened.
 #[derive(Debug, Default)]
 pub struct Effects {
@@ -89,6 +107,7 @@ pub struct Effects {
     pub persist: Vec<PersistOp>,
     pub observations: Vec<Observation>,
     pub reports: Vec<ReportRequest>,
+    pub tensorboard: Vec<TensorBoardOp>,
     /// Jobs forgotten (job retention): deleted from the store.
     pub forgotten: Vec<JobId>,
 }

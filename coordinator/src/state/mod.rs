@@ -3,9 +3,9 @@
 //! One owner: the service holds [`State`] behind a single mutex, never across
 //! an `.await`. Each change is a method that takes `now` and returns its
 //! [`Effects`] (events for watchers, records to persist, observations for
-//! metrics, reports to write) instead of doing I/O, so the protocol is
-//! tested without sockets or clocks (see `tests.rs`), and the service applies
-//! the effects after it lets go of the lock.
+//! metrics, reports and TensorBoard scalars to write) instead of doing I/O,
+//! so the protocol is tested without sockets or clocks (see `tests.rs`), and
+//! the service applies the effects after it lets go of the lock.
 //!
 //! - [`jobs`](self): submission, cancellation, recovery after a restart;
 //! - `workers`: registration, heartbeats, assignments;
@@ -31,7 +31,9 @@ use ringtrain_common::jobspec::JobSpec;
 use ringtrain_common::ring_key::RingKeys;
 use ringtrain_common::{JobId, JobState, ParamVersion, RingGeneration, WorkerId};
 
-pub use effects::{Effects, EventKind, JobEvent, Observation, PersistOp, ReportRequest};
+pub use effects::{
+    Effects, EventKind, JobEvent, Observation, PersistOp, ReportRequest, TensorBoardOp,
+};
 pub use reports::StepVerdict;
 pub use workers::HeartbeatReply;
 
@@ -97,6 +99,8 @@ pub struct VersionTally {
     pub loss_sum: f64,
     pub samples: u64,
     pub slowest_step_s: f64,
+    /// The longest any member spent in the step's gradient all-reduce.
+    pub slowest_allreduce_s: f64,
     pub epoch: u64,
 }
 
@@ -220,6 +224,13 @@ impl Job {
             skipped_steps: self.skipped_steps,
             owner: self.owner.clone(),
         }
+    }
+
+    /// Where the job's TensorBoard event files go: its checkpoint
+    /// directory, unless the spec turns them off (`checkpoint.tensorboard`).
+    pub fn tensorboard_dir(&self) -> Option<PathBuf> {
+        (self.spec.checkpoint.tensorboard && !self.checkpoint_dir.is_empty())
+            .then(|| PathBuf::from(&self.checkpoint_dir))
     }
 
     /// The title of the job's metrics.png.

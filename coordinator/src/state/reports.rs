@@ -15,7 +15,7 @@ use ringtrain_common::worker_api::{
 use ringtrain_common::JobState;
 use tracing::{info, warn};
 
-use super::{Effects, EventKind, Observation, State, StateError, VersionTally};
+use super::{Effects, EventKind, Observation, State, StateError, TensorBoardOp, VersionTally};
 
 /// What a member should do after reporting a step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,12 +71,14 @@ impl State {
         tally.loss_sum += r.loss * r.samples as f64;
         tally.samples += r.samples;
         tally.slowest_step_s = tally.slowest_step_s.max(r.step_seconds);
+        tally.slowest_allreduce_s = tally.slowest_allreduce_s.max(r.allreduce_seconds);
         let complete = tally.reporters.len() == world;
         if complete {
-            let (loss, samples, secs, epoch) = (
+            let (loss, samples, secs, allreduce_s, epoch) = (
                 tally.loss_sum / tally.samples.max(1) as f64,
                 tally.samples,
                 tally.slowest_step_s,
+                tally.slowest_allreduce_s,
                 tally.epoch,
             );
             job.step = job.step.max(r.version);
@@ -92,6 +94,12 @@ impl State {
             }
             let sps = job.samples_per_s;
             info!(job = %job.id, step = job.step.0, total = job.total_steps, epoch, workers = world, loss = format!("{loss:.4}"), samples_per_s = format!("{sps:.0}"), "step");
+            // A step the curve has already passed (the job rolled back to a
+            // checkpoint): push_step drops the rows from it on, and
+            // TensorBoard is told to drop its own.
+            let redone = job.history.last().is_some_and(|last| {
+                last.step > r.version.0 || (last.step == r.version.0 && last.loss.is_finite())
+            });
             curve::push_step(
                 &mut job.history,
                 MetricRow {
@@ -103,6 +111,19 @@ impl State {
                     eval: None,
                 },
             );
+            if let Some(dir) = job.tensorboard_dir() {
+                fx.tensorboard.push(TensorBoardOp::Scalars {
+                    job: job.id,
+                    dir,
+                    step: r.version.0,
+                    values: vec![
+                        ("loss", loss),
+                        ("samples_per_s", sps),
+                        ("allreduce_s", allreduce_s),
+                    ],
+                    restart: redone,
+                });
+            }
             fx.observations.push(Observation::StepCompleted {
                 job: job.id,
                 samples,
@@ -147,11 +168,25 @@ impl State {
     }
 
     pub fn report_eval(&mut self, _now: Instant, r: &EvalReport) -> Result<Effects, StateError> {
+        let mut fx = Effects::default();
         let job = self.member(r.job, r.worker, r.generation)?;
         job.eval = Some((r.accuracy, r.loss));
         curve::record_eval(&mut job.history, r.version.0, r.accuracy, r.loss);
+        if let Some(dir) = job.tensorboard_dir() {
+            // NaN where the model computes its own loss: no accuracy then.
+            let mut values = vec![("test_loss", r.loss)];
+            if r.accuracy.is_finite() {
+                values.insert(0, ("test_accuracy", r.accuracy));
+            }
+            fx.tensorboard.push(TensorBoardOp::Scalars {
+                job: r.job,
+                dir,
+                step: r.version.0,
+                values,
+                restart: false,
+            });
+        }
         info!(job = %r.job, version = r.version.0, test_accuracy = r.accuracy, test_loss = r.loss, "eval");
-        let mut fx = Effects::default();
         fx.observations.push(Observation::Evaluated {
             job: r.job,
             accuracy: r.accuracy,

@@ -6,7 +6,9 @@ use std::time::Instant;
 use ringtrain_common::{JobId, JobState, RingGeneration, WorkerId};
 use tracing::{info, warn};
 
-use super::{Drain, Effects, EventKind, JobEvent, Observation, ReportRequest, State};
+use super::{
+    Drain, Effects, EventKind, JobEvent, Observation, ReportRequest, State, TensorBoardOp,
+};
 use crate::scheduler::{decide, Decision};
 
 impl State {
@@ -192,6 +194,7 @@ impl State {
             }
         }
         self.report_later(id, fx);
+        fx.tensorboard.push(TensorBoardOp::Close { job: id });
         self.emit(id, EventKind::State, message, fx);
         self.persist(id, true, fx);
     }

@@ -463,6 +463,120 @@ fn evaluations_and_checkpoints_are_recorded_for_the_job() {
     assert_eq!(job.resume_source(), "/ckpt/v1");
 }
 
+/// TensorBoard gets what the coordinator commits: the loss over every
+/// member's samples, the slowest all-reduce, each evaluation, and a close
+/// when the job ends; nothing with `checkpoint.tensorboard = false`.
+#[test]
+fn committed_steps_and_evaluations_become_tensorboard_scalars() {
+    let report =
+        |w: WorkerId, a: &Assignment, loss: f64, samples: u64, allreduce: f64| StepReport {
+            worker: w,
+            job: JOB,
+            generation: a.generation,
+            rank: a.rank,
+            version: ParamVersion(1),
+            param_hash: 7,
+            loss,
+            samples,
+            step_seconds: 0.1,
+            allreduce_seconds: allreduce,
+            epoch: 0,
+            total_steps: 5,
+            skipped_nonfinite: false,
+        };
+    let (mut c, [(w1, a1), (w2, a2)]) = Cluster::running();
+    let (_, fx) =
+        c.st.report_step(c.now, &report(w1, &a1, 1.0, 6, 0.03))
+            .unwrap();
+    assert!(fx.tensorboard.is_empty(), "not committed yet");
+    let (_, fx) =
+        c.st.report_step(c.now, &report(w2, &a2, 3.0, 2, 0.02))
+            .unwrap();
+    assert_eq!(
+        fx.tensorboard,
+        [TensorBoardOp::Scalars {
+            job: JOB,
+            dir: "/ckpt".into(),
+            step: 1,
+            values: vec![
+                ("loss", 1.5),
+                ("samples_per_s", 80.0),
+                ("allreduce_s", 0.03)
+            ],
+            restart: false,
+        }]
+    );
+    let fx =
+        c.st.report_eval(c.now, &eval_report(w1, a1.generation, 0.75))
+            .unwrap();
+    assert_eq!(
+        fx.tensorboard,
+        [TensorBoardOp::Scalars {
+            job: JOB,
+            dir: "/ckpt".into(),
+            step: 1,
+            values: vec![("test_accuracy", 0.75), ("test_loss", 0.5)],
+            restart: false,
+        }]
+    );
+    let fx =
+        c.st.report_eval(c.now, &eval_report(w1, a1.generation, f64::NAN))
+            .unwrap();
+    assert!(
+        matches!(&fx.tensorboard[..], [TensorBoardOp::Scalars { values, .. }] if values == &[("test_loss", 0.5)]),
+        "no accuracy where the model computes its loss: {:?}",
+        fx.tensorboard
+    );
+    // Step 2, then step 2 again (the ring rolled back to version 1): the
+    // second time TensorBoard is told to drop the curve from step 2 on.
+    let restarts = |c: &mut Cluster| {
+        c.st.report_step(
+            c.now,
+            &StepReport {
+                version: ParamVersion(2),
+                ..report(w1, &a1, 1.0, 6, 0.03)
+            },
+        )
+        .unwrap();
+        let (_, fx) =
+            c.st.report_step(
+                c.now,
+                &StepReport {
+                    version: ParamVersion(2),
+                    ..report(w2, &a2, 3.0, 2, 0.02)
+                },
+            )
+            .unwrap();
+        match &fx.tensorboard[..] {
+            [TensorBoardOp::Scalars {
+                step: 2, restart, ..
+            }] => *restart,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert!(!restarts(&mut c), "a new step");
+    assert!(restarts(&mut c), "a step redone");
+    let (_, fx) = c.st.cancel(c.now, JOB).unwrap();
+    assert_eq!(fx.tensorboard, [TensorBoardOp::Close { job: JOB }]);
+
+    let mut c = Cluster::new();
+    let (w1, _) = c.register(1000);
+    let (w2, _) = c.register(2000);
+    c.submit(&["checkpoint.tensorboard=false"]);
+    let (a1, a2) = (c.assignment(w1).unwrap(), c.assignment(w2).unwrap());
+    c.st.report_step(c.now, &report(w1, &a1, 1.0, 6, 0.03))
+        .unwrap();
+    let (_, fx) =
+        c.st.report_step(c.now, &report(w2, &a2, 3.0, 2, 0.02))
+            .unwrap();
+    assert_eq!(kinds(&fx), [EventKind::Step]);
+    assert!(fx.tensorboard.is_empty(), "turned off");
+    let fx =
+        c.st.report_eval(c.now, &eval_report(w1, a1.generation, 0.75))
+            .unwrap();
+    assert!(fx.tensorboard.is_empty(), "turned off");
+}
+
 #[test]
 fn the_job_succeeds_when_every_member_finishes_and_fails_on_a_members_error() {
     let (mut c, [(w1, a1), (w2, a2)]) = Cluster::running();
