@@ -27,7 +27,7 @@ for w in $worlds; do
     lines+=("$gloo" "$ours")
   done
   python3 - "${lines[@]}" <<'PY'
-import json, statistics, sys
+import json, os, statistics, sys
 rows = [json.loads(a) for a in sys.argv[1:]]
 gloo = [r["median_s"] for r in rows if r["impl"] == "gloo"]
 ours = [r["median_s"] for r in rows if r["impl"] != "gloo"]
@@ -35,5 +35,10 @@ impl = next(r["impl"] for r in rows if r["impl"] != "gloo")
 g, o = statistics.median(gloo), statistics.median(ours)
 print(f"world={rows[0]['world']} elements={rows[0]['elements']} rounds={len(gloo)}: "
       f"gloo median {g*1000:.1f} ms, {impl} median {o*1000:.1f} ms, speedup = {g / o:.2f}x")
+if os.environ.get("RESULTS"):
+    with open(os.environ["RESULTS"], "a") as f:
+        f.write(json.dumps({"impl": impl, "world": rows[0]["world"], "bytes": rows[0]["bytes"],
+                            "rounds": len(gloo), "gloo_median_s": g, "median_s": o,
+                            "speedup_vs_gloo": g / o}) + "\n")
 PY
 done

@@ -29,6 +29,13 @@ ensure_venv() {
   fi
 }
 
+# What only the benchmarks' report (scripts/perf-report.py) imports: not
+# installed for the tests.
+ensure_report_py() {
+  "$ROOT/.venv/bin/python" -c "import matplotlib" 2>/dev/null ||
+    "$ROOT/.venv/bin/pip" install --quiet --disable-pip-version-check matplotlib
+}
+
 # ensure_debs PACKAGE...: installs the Debian packages not installed yet.
 ensure_debs() {
   local missing=() p
@@ -52,6 +59,8 @@ ensure_dataset() {
   fi
 }
 
+# BUILD=0: use target/release/ringtrain as it is.
 build_release() {
+  [ "${BUILD:-1}" = 0 ] && [ -x "$ROOT/target/release/ringtrain" ] && return 0
   (cd "$ROOT" && cargo build --release --quiet)
 }

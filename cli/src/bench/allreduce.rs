@@ -20,6 +20,10 @@ use ringtrain_worker::ring::{
     TransportKind,
 };
 
+/// Namespaces and addresses of `scripts/netlab.sh`.
+const NETLAB_PREFIX: &str = "rtlab";
+const NETLAB_SUBNET: &str = "10.77.0";
+
 #[derive(clap::Args, Clone)]
 pub struct Args {
     /// Number of rank processes.
@@ -53,6 +57,10 @@ pub struct Args {
     /// shared memory instead of loopback TCP.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     shared_memory: bool,
+    /// Run rank R in network namespace rtlabR at 10.77.0.(R+1), the emulated
+    /// multi-host lab that `scripts/netlab.sh up W RATE DELAY` makes.
+    #[arg(long)]
+    netlab: bool,
 }
 
 #[derive(clap::Args, Clone)]
@@ -117,6 +125,7 @@ impl Args {
         ]
         .into_iter()
         .flat_map(|(k, v)| [k.to_string(), v])
+        .chain(self.netlab.then(|| "--netlab".to_string()))
         .collect()
     }
 }
@@ -149,7 +158,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ];
         cli.extend(args.as_cli());
         let cli: Vec<&str> = cli.iter().map(String::as_str).collect();
-        ranks.spawn(&format!("rank-{rank}"), &[], &exe, &cli)?;
+        let netns = format!("{NETLAB_PREFIX}{rank}");
+        let wrapper: &[&str] = if args.netlab {
+            &["ip", "netns", "exec", &netns]
+        } else {
+            &[]
+        };
+        ranks.spawn(&format!("rank-{rank}"), wrapper, &exe, &cli)?;
     }
     let mut addrs = Vec::new();
     for rank in 0..args.world {
@@ -198,7 +213,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "impl": format!(
             "ringtrain-{}{}-{}",
             args.transport,
-            if args.shared_memory && args.transport == TransportKind::Tcp { "+shm" } else { "" },
+            if args.shared_memory && !args.netlab && args.transport == TransportKind::Tcp { "+shm" } else { "" },
             args.security
         ),
         "world": args.world,
@@ -209,6 +224,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "busbw_gbps": algbw * 2.0 * (w - 1.0) / w,
         "encoding": format!("{:?}", args.encoding).to_lowercase(),
         "segment_kib": args.segment_kib,
+        "netlab": args.netlab,
     });
     println!("{line}");
     Ok(())
@@ -252,7 +268,14 @@ async fn join_ring(
     ready_file: &Path,
     peers_file: &Path,
 ) -> anyhow::Result<Ring> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let bind = if args.netlab {
+        format!("{NETLAB_SUBNET}.{}:0", rank + 1)
+    } else {
+        "127.0.0.1:0".to_string()
+    };
+    let listener = tokio::net::TcpListener::bind(&bind)
+        .await
+        .with_context(|| format!("rank {rank} listening on {bind} (is the netlab up?)"))?;
     let addr = listener.local_addr()?;
     let endpoints = match args.transport {
         TransportKind::Tcp => RingEndpoints {
