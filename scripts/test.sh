@@ -25,6 +25,8 @@ echo "== Prometheus scraping a local run" >&2
 tests/deploy/prometheus-local.sh
 echo "== Python client" >&2
 tests/deploy/python-client.sh
+echo "== the emulated multi-host lab (network namespaces)" >&2
+tests/deploy/netlab.sh
 echo "== Kubernetes manifests render and validate" >&2
 tests/deploy/k8s-render.sh
 echo "== docker-compose end to end" >&2
