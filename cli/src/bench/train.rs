@@ -12,7 +12,7 @@ use ringtrain_common::jobspec::JobSpec;
 use ringtrain_proto as pb;
 
 use crate::commands::client;
-use crate::commands::local::{check_dataset, start_cluster};
+use crate::commands::local::{check_dataset, start_cluster, start_netlab_cluster};
 
 #[derive(clap::Args)]
 pub struct TrainArgs {
@@ -43,6 +43,10 @@ pub struct TrainArgs {
         default_value = "/usr/share/datasets/fashion-mnist"
     )]
     data: String,
+    /// Workers in the emulated multi-host lab (`scripts/netlab.sh up W ...`):
+    /// worker R in namespace rtlabR, so the ring crosses shaped links.
+    #[arg(long)]
+    netlab: bool,
     /// Extra spec overrides (KEY=VALUE), e.g. ring.encoding=bf16.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
@@ -58,7 +62,11 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<()> {
     );
     let spec = JobSpec::parse(&text, &args.overrides)?;
     let dir = tempfile::tempdir()?;
-    let cluster = start_cluster(dir.path(), args.world, args.insecure)?;
+    let cluster = if args.netlab {
+        start_netlab_cluster(dir.path(), args.world, args.insecure)?
+    } else {
+        start_cluster(dir.path(), args.world, args.insecure)?
+    };
     let mut c = client::connect_cluster(&cluster).await?;
     let job = client::submit_spec(&mut c, &spec, None).await?;
     let mut stream = client::events(&mut c, &job).await?;
@@ -103,6 +111,8 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<()> {
     let line = serde_json::json!({
         "impl": "ringtrain",
         "security": if args.insecure { "insecure" } else { "mtls" },
+        "netlab": args.netlab,
+        "overrides": args.overrides,
         "model": args.model,
         "world": args.world,
         "batch_per_rank": args.batch,

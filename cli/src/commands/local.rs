@@ -52,6 +52,49 @@ pub fn start_cluster(
     )
 }
 
+/// A cluster on the emulated multi-host lab of `scripts/netlab.sh`: the
+/// coordinator on the lab's bridge (10.77.0.254), worker R in namespace
+/// rtlabR at 10.77.0.(R+1), so ring traffic crosses the shaped links.
+pub fn start_netlab_cluster(
+    run_dir: &Path,
+    workers: usize,
+    insecure: bool,
+) -> anyhow::Result<LocalCluster> {
+    const BRIDGE_IP: &str = "10.77.0.254";
+    let program = std::env::current_exe().context("locating the ringtrain binary")?;
+    let options = ClusterOptions {
+        listen_ip: BRIDGE_IP.into(),
+        advertise: BRIDGE_IP.into(),
+        ..ClusterOptions::loopback(program)
+    };
+    let mut cluster = start_with(run_dir, 0, options, insecure)
+        .context("starting the coordinator on the lab's bridge (is the netlab up? scripts/netlab.sh up W RATE DELAY)")?;
+    let port = cluster
+        .coordinator_url
+        .rsplit(':')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let scheme = if insecure { "http" } else { "https" };
+    let url = format!("{scheme}://{BRIDGE_IP}:{port}");
+    // It listens on the bridge only, so clients on this host dial it there too.
+    cluster.coordinator_url = url.clone();
+    for rank in 0..workers {
+        let netns = format!("rtlab{rank}");
+        let ip = format!("10.77.0.{}", rank + 1);
+        tokio::task::block_in_place(|| {
+            cluster.add_worker_with(
+                &["ip", "netns", "exec", &netns],
+                &url,
+                &format!("{ip}:0"),
+                &ip,
+            )
+        })
+        .with_context(|| format!("starting worker {rank} in namespace {netns}"))?;
+    }
+    Ok(cluster)
+}
+
 fn start_with(
     run_dir: &Path,
     workers: usize,
