@@ -42,4 +42,7 @@ if m:
         f.write(json.dumps(row) + "\n")
 PY
 
+echo "== training over the lab (vs DDP)" >&2
+RESULTS=$out/train.jsonl ROUNDS=$rounds scripts/bench-netlab-train.sh 4 30 cnn 64
+
 .venv/bin/python scripts/perf-report.py "$out" docs

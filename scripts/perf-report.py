@@ -98,6 +98,10 @@ def main():
 
     if train:
         md += ["## Training", "",
+               "Samples/s by the wall clock after a warm-up on both sides (DDP: between barriers;",
+               "ringtrain: between the coordinator's step events). On the lab, DDP overlaps its",
+               "bucketed all-reduces with the backward pass and ringtrain does not yet: it sends",
+               "the whole gradient after the backward, which is what the f32 row pays.", "",
                "| what | W | model | DDP | ringtrain | ringtrain / DDP |", "|---|---|---|---|---|---|"]
         for r in train:
             md.append(f"| {r.get('kind', '')} | {r['world']} | {r.get('model', '')} | {r['ddp']:.1f} | "
