@@ -68,15 +68,20 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The serving roles start tracing once their config is read (it may
+    // name an OpenTelemetry collector).
+    let serving = matches!(cli.command, Command::Coordinator(_) | Command::Worker(_));
     let quiet = matches!(
         cli.command,
         Command::Bench(_) | Command::Local(_) | Command::Health(_) | Command::Generate(_)
     );
-    telemetry::init(cli.log_format, if quiet { "warn" } else { "info" });
+    if !serving {
+        telemetry::init(cli.log_format, if quiet { "warn" } else { "info" });
+    }
     telemetry::log_panics();
     let result = match cli.command {
-        Command::Coordinator(a) => serve::coordinator(a),
-        Command::Worker(a) => serve::worker(a),
+        Command::Coordinator(a) => serve::coordinator(a, cli.log_format),
+        Command::Worker(a) => serve::worker(a, cli.log_format),
         Command::Submit(a) => runtime().and_then(|rt| rt.block_on(client::submit(a))),
         Command::Status(a) => runtime().and_then(|rt| rt.block_on(client::status(a))),
         Command::Watch(a) => runtime().and_then(|rt| rt.block_on(client::watch(a))),

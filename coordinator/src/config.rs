@@ -45,6 +45,10 @@ pub struct CoordinatorConfig {
     /// Serve in the clear, without client authentication (must be asked for
     /// when there is no `tls_dir`).
     pub insecure: bool,
+    /// OpenTelemetry collector (OTLP/gRPC URL, e.g. `http://collector:4317`)
+    /// that spans are exported to; empty: `OTEL_EXPORTER_OTLP_ENDPOINT`,
+    /// and when that is unset too, no export.
+    pub otlp_endpoint: String,
 }
 
 /// How many finished jobs (succeeded, failed, cancelled) the coordinator
@@ -86,6 +90,7 @@ impl Default for CoordinatorConfig {
             max_watch_streams_per_client: 64,
             tls_dir: String::new(),
             insecure: false,
+            otlp_endpoint: String::new(),
         }
     }
 }

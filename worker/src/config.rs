@@ -27,6 +27,10 @@ pub struct WorkerConfig {
     pub tls_dir: String,
     /// Run in the clear (must be asked for when there is no `tls_dir`).
     pub insecure: bool,
+    /// OpenTelemetry collector (OTLP/gRPC URL, e.g. `http://collector:4317`)
+    /// that spans are exported to; empty: `OTEL_EXPORTER_OTLP_ENDPOINT`,
+    /// and when that is unset too, no export.
+    pub otlp_endpoint: String,
 }
 
 impl Default for WorkerConfig {
@@ -41,6 +45,7 @@ impl Default for WorkerConfig {
             connect_timeout_s: 10.0,
             tls_dir: String::new(),
             insecure: false,
+            otlp_endpoint: String::new(),
         }
     }
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use ringtrain_common::metrics::{self, Metrics};
+use ringtrain_common::telemetry::{self, LogFormat, OtlpConfig};
 use ringtrain_coordinator::CoordinatorConfig;
 use ringtrain_worker::config::WorkerConfig;
 use tokio::net::TcpListener;
@@ -44,6 +45,11 @@ pub struct CoordinatorArgs {
     /// Write {"grpc": addr, "metrics": addr} here once listening.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    /// OpenTelemetry collector to export spans to (OTLP/gRPC), e.g.
+    /// http://127.0.0.1:4317 (config key otlp_endpoint; default
+    /// $OTEL_EXPORTER_OTLP_ENDPOINT; unset: none).
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
     #[command(flatten)]
     security: ServerSecurity,
 }
@@ -94,6 +100,11 @@ pub struct WorkerArgs {
     /// Write {"grpc", "ring", "worker_id", "metrics"} here once registered.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    /// OpenTelemetry collector to export spans to (OTLP/gRPC), e.g.
+    /// http://127.0.0.1:4317 (config key otlp_endpoint; default
+    /// $OTEL_EXPORTER_OTLP_ENDPOINT; unset: none).
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
     #[command(flatten)]
     security: ServerSecurity,
 }
@@ -129,7 +140,7 @@ async fn start_metrics(addr: &str, metrics: &Metrics) -> anyhow::Result<Option<S
     Ok(Some(local))
 }
 
-pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
+pub fn coordinator(args: CoordinatorArgs, log_format: LogFormat) -> anyhow::Result<()> {
     let [tls, insecure] = args.security.overrides();
     let mut config: CoordinatorConfig = settings::load(
         args.config.as_deref(),
@@ -140,6 +151,7 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
             ("data_dir", args.data_dir),
             ("checkpoint_root", args.checkpoint_root),
             ("max_workers", args.max_workers),
+            ("otlp_endpoint", args.otlp_endpoint),
             tls,
             insecure,
         ],
@@ -148,11 +160,17 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         config.data_roots = args.data_roots;
     }
     // Before binding anything: a clear error when neither is chosen.
+    let rt = tokio::runtime::Runtime::new()?;
+    let tracing = start_tracing(
+        &rt,
+        log_format,
+        &config.otlp_endpoint,
+        "ringtrain-coordinator",
+    );
     ringtrain_coordinator::server::security(&config)?;
     config.data_dir = std::path::absolute(&config.data_dir)
         .with_context(|| format!("data dir {}", config.data_dir.display()))?;
-    let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         let listener = bind("gRPC", &config.listen).await?;
         let grpc = listener.local_addr()?.to_string();
         let metrics = Metrics::default();
@@ -171,10 +189,26 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
             .context("coordinator server")?;
         info!("coordinator stopped");
         Ok(())
-    })
+    });
+    // The drain's last step: the spans not exported yet.
+    tracing.shutdown();
+    result
 }
 
-pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
+/// Installs tracing for a serving role, exporting spans to `otlp_endpoint`
+/// (or `$OTEL_EXPORTER_OTLP_ENDPOINT`) when one is set. The exporter's
+/// gRPC channel lives on `rt`.
+fn start_tracing(
+    rt: &tokio::runtime::Runtime,
+    log_format: LogFormat,
+    otlp_endpoint: &str,
+    service: &'static str,
+) -> telemetry::Telemetry {
+    let _in_runtime = rt.enter();
+    telemetry::init_with_otlp(log_format, "info", &OtlpConfig::new(otlp_endpoint, service))
+}
+
+pub fn worker(args: WorkerArgs, log_format: LogFormat) -> anyhow::Result<()> {
     let [tls, insecure] = args.security.overrides();
     let config: WorkerConfig = settings::load(
         args.config.as_deref(),
@@ -188,10 +222,12 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
             ("metrics_listen", args.metrics_listen),
             ("health_listen", args.health_listen),
             ("connect_timeout_s", args.connect_timeout_s),
+            ("otlp_endpoint", args.otlp_endpoint),
         ],
     )?;
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async move {
+    let tracing = start_tracing(&rt, log_format, &config.otlp_endpoint, "ringtrain-worker");
+    let result = rt.block_on(async move {
         let listeners = ringtrain_worker::service::Listeners {
             grpc: bind("gRPC", &config.listen).await?,
             ring: bind("the ring", &config.ring_listen).await?,
@@ -217,5 +253,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
             Some(e) => Err(e),
             None => Ok(()),
         }
-    })
+    });
+    tracing.shutdown();
+    result
 }

@@ -5,6 +5,7 @@ use super::*;
 
 #[tonic::async_trait]
 impl pb::coordinator_server::Coordinator for Coordinator {
+    #[tracing::instrument(name = "submit_job", skip_all, fields(job = tracing::field::Empty))]
     async fn submit_job(
         &self,
         request: Request<pb::SubmitJobRequest>,
@@ -32,6 +33,7 @@ impl pb::coordinator_server::Coordinator for Coordinator {
             )));
         }
         let id = JobId::random();
+        tracing::Span::current().record("job", tracing::field::display(id));
         // Checked before anything reads a path, the dry run included.
         let default_dir = self
             .inner

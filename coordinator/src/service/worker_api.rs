@@ -5,6 +5,7 @@ use super::*;
 
 #[tonic::async_trait]
 impl pb::worker_control_server::WorkerControl for Coordinator {
+    #[tracing::instrument(name = "register_worker", skip_all)]
     async fn register_worker(
         &self,
         request: Request<pb::RegisterWorkerRequest>,

@@ -34,6 +34,7 @@ use ringtrain_common::metrics::Metrics;
 use ringtrain_common::worker_api::{
     Assignment, CheckpointReport, EvalReport, FinishReport, RingFailureReport, StepReport,
 };
+use ringtrain_common::telemetry;
 use ringtrain_common::WorkerId;
 use ringtrain_proto as pb;
 use ringtrain_proto::worker_control_client::WorkerControlClient;
@@ -504,11 +505,24 @@ impl Trainer<'_> {
         info!(total_steps = total, world, global_batch, version = %self.st.version, "training");
         while !done(self.st) {
             self.stop_if_cancelled()?;
-            let span = info_span!("step", version = self.st.version.next().0);
+            let step = self.st.version.next().0;
+            let a = &self.ctx.assignment;
+            let job = a.job.to_string();
+            let span = info_span!(
+                "step",
+                version = step,
+                job = %job,
+                step,
+                rank = a.rank.0,
+                generation = a.generation.0,
+                worker = %self.ctx.worker_id,
+            );
+            // Every member's step span is a child of one span context made
+            // from (job, generation, step): one trace per step, no messages.
+            telemetry::set_step_parent(&span, &job, a.generation.0, step);
             let _g = span.enter();
             let started = Instant::now();
             let st = &mut *self.st;
-            let step = st.version.0 + 1;
             if fault_step == Some(step) {
                 panic!("fault injection: RINGTRAIN_FAULT_INJECT=trainer_panic_at_step={step}");
             }
