@@ -56,6 +56,7 @@ pub async fn serve(
     let security = security(&config)?;
     let transport = security.transport.clone();
     let store = crate::store::Store::open(&config.data_dir.join("coordinator.redb"))?;
+    let rpc_metrics = metrics.rpc_layer();
     let coordinator = Coordinator::with_security(config.clone(), metrics, store, security)?;
     let ticker = coordinator.clone();
     let tick = tokio::spawn(async move {
@@ -82,6 +83,8 @@ pub async fn serve(
     };
     let result = transport
         .server(tonic::transport::Server::builder(), CertRole::Coordinator)?
+        // Outermost: the time and status code clients see.
+        .layer(rpc_metrics)
         .layer(ringtrain_common::grpc_status::oversize_layer())
         .add_service(health)
         .add_service(pb::reflection::v1()?)

@@ -153,4 +153,14 @@ if at_least 'count(max_over_time(ringtrain_job_loss[10m]))' 1 && at_least 'sum(m
 else
   bad "ringtrain_job_loss and ringtrain_allreduce_seconds_total recorded"
 fi
+# The histograms, and the dashboard's p95 step time over them.
+if at_least 'sum(max_over_time(ringtrain_step_seconds_count[10m]))' 1 &&
+  at_least 'count(max_over_time(ringtrain_step_phase_seconds_count[10m]) > 0)' 4 &&
+  at_least 'sum(max_over_time(ringtrain_ring_wait_seconds_count[10m]))' 1 &&
+  at_least 'sum(max_over_time(ringtrain_rpc_seconds_count{method="ReportStep"}[10m]))' 1 &&
+  at_least 'count(max_over_time(ringtrain_step_seconds_bucket{le="+Inf"}[10m]))' "$WORKERS"; then
+  ok "histograms recorded: step, 4 phases, ring wait, ReportStep RPC (p95 step $(query 'histogram_quantile(0.95, sum by (le) (increase(ringtrain_step_seconds_bucket[10m])))') s)"
+else
+  bad "histograms recorded: ringtrain_step_seconds, ringtrain_step_phase_seconds, ringtrain_ring_wait_seconds, ringtrain_rpc_seconds"
+fi
 finish

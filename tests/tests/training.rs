@@ -193,11 +193,63 @@ fn submit_watch_status_and_metrics_against_a_live_cluster() {
     let m = cluster.metrics("worker-0");
     assert!(m.contains("ringtrain_worker_steps_total"), "{m}");
     assert!(m.contains("ringtrain_allreduce_seconds_total"), "{m}");
+
+    // The histograms: one observation per step the worker ran.
+    let steps = metric_sum(&m, "ringtrain_worker_steps_total", "");
+    assert!(steps >= 1.0, "{m}");
+    assert_eq!(
+        metric_sum(&m, "ringtrain_step_seconds_count", ""),
+        steps,
+        "{m}"
+    );
+    assert!(
+        metric_sum(&m, "ringtrain_step_seconds_sum", "") > 0.0,
+        "{m}"
+    );
+    for phase in ["data", "forward_backward", "allreduce", "optimizer"] {
+        let phase = format!("phase=\"{phase}\"");
+        assert_eq!(
+            metric_sum(&m, "ringtrain_step_phase_seconds_count", &phase),
+            steps,
+            "{phase}: {m}"
+        );
+    }
+    assert_eq!(
+        metric_sum(&m, "ringtrain_ring_wait_seconds_count", ""),
+        steps,
+        "{m}"
+    );
+    assert!(
+        m.contains("ringtrain_step_seconds_bucket{le=\"+Inf\"}"),
+        "{m}"
+    );
+    let m = cluster.metrics("coordinator");
+    assert!(
+        metric_sum(
+            &m,
+            "ringtrain_rpc_seconds_count",
+            "method=\"ReportStep\",code=\"OK\""
+        ) >= 1.0,
+        "{m}"
+    );
     let log = cluster.log("coordinator");
     assert!(
         log.contains("step") && log.contains("loss"),
         "coordinator logs carry steps"
     );
+}
+
+/// The sum of `name`'s samples in a /metrics text whose labels contain `labels`.
+fn metric_sum(text: &str, name: &str, labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(series, _)| {
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            n == name && rest.contains(labels)
+        })
+        .filter_map(|(_, v)| v.parse::<f64>().ok())
+        .sum()
 }
 
 #[test]

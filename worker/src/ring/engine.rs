@@ -12,7 +12,9 @@
 //! Each segment sits behind its own (uncontended) mutex, so the two threads
 //! share the buffer without `unsafe`.
 
+use std::cell::Cell;
 use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use ringtrain_common::wire::{FrameHeader, Phase, WireEncoding};
 use ringtrain_common::Rank;
@@ -20,6 +22,19 @@ use ringtrain_common::Rank;
 use super::layout::Layout;
 use super::transport::{FrameReceiver, FrameSender, RingLinks};
 use super::{RingError, RingSpec};
+
+thread_local! {
+    /// Time this thread's ring receiver spent blocked on its left neighbour.
+    static RECEIVE_WAIT: Cell<Duration> = const { Cell::new(Duration::ZERO) };
+}
+
+/// The time this thread's all-reduces have waited for their left neighbour's
+/// frames since the last call (then resets it): each receive's time less the
+/// summing and decoding done as its pieces arrive. The receive loop runs on
+/// the caller's thread, so ranks sharing a process keep separate figures.
+pub fn take_receive_wait() -> Duration {
+    RECEIVE_WAIT.with(|w| w.replace(Duration::ZERO))
+}
 
 /// What every rank ends up holding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -264,7 +279,10 @@ fn recv_loop(
                 // Sum each piece into our values as it arrives, while it is in cache.
                 let mut mine = lock(cell);
                 let mut at = 0;
+                let mut working = Duration::ZERO;
+                let waiting = Instant::now();
                 let r = receiver.recv_pieces(&expected, &mut |bytes| {
+                    let summing = Instant::now();
                     let k = if half {
                         let words: &[u16] = bytemuck::cast_slice(bytes);
                         let k = words.len();
@@ -277,7 +295,10 @@ fn recv_loop(
                         values.len()
                     };
                     at += k;
+                    working += summing.elapsed();
                 });
+                let waited = waiting.elapsed().saturating_sub(working);
+                RECEIVE_WAIT.with(|w| w.set(w.get() + waited));
                 r.map(|()| {
                     if t + 2 == world {
                         // This chunk is now fully reduced and ours to broadcast.
@@ -287,12 +308,15 @@ fn recv_loop(
             } else {
                 // All-gather: the final values land straight in place.
                 let mut mine = lock(cell);
+                let waiting = Instant::now();
                 if half {
-                    receiver
-                        .recv(&expected, bytemuck::cast_slice_mut(&mut wire[..n]))
-                        .map(|()| plan.encoding.decode_half(&wire[..n], &mut mine))
+                    let r = receiver.recv(&expected, bytemuck::cast_slice_mut(&mut wire[..n]));
+                    RECEIVE_WAIT.with(|w| w.set(w.get() + waiting.elapsed()));
+                    r.map(|()| plan.encoding.decode_half(&wire[..n], &mut mine))
                 } else {
-                    receiver.recv(&expected, bytemuck::cast_slice_mut(&mut mine[..]))
+                    let r = receiver.recv(&expected, bytemuck::cast_slice_mut(&mut mine[..]));
+                    RECEIVE_WAIT.with(|w| w.set(w.get() + waiting.elapsed()));
+                    r
                 }
             };
             received.map_err(|e| classify(progress, e))?;

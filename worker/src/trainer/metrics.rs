@@ -1,7 +1,7 @@
 //! The worker's Prometheus metrics of training steps (names users'
 //! dashboards rely on).
 
-use ringtrain_common::metrics::Metrics;
+use ringtrain_common::metrics::{Metrics, Phase};
 use ringtrain_common::worker_api::Assignment;
 
 /// What one step measured.
@@ -12,6 +12,8 @@ pub struct StepFigures {
     pub data_s: f64,
     pub forward_backward_s: f64,
     pub allreduce_s: f64,
+    /// Of `allreduce_s`, the time the ring receiver waited on its neighbour.
+    pub ring_wait_s: f64,
     pub optimizer_s: f64,
     pub step_s: f64,
     pub allreduce_bytes: usize,
@@ -37,6 +39,12 @@ impl Recorder {
 
     pub fn step(&self, f: &StepFigures) {
         let m = &self.metrics;
+        m.observe_step(f.step_s);
+        m.observe_phase(Phase::Data, f.data_s);
+        m.observe_phase(Phase::ForwardBackward, f.forward_backward_s);
+        m.observe_phase(Phase::Allreduce, f.allreduce_s);
+        m.observe_phase(Phase::Optimizer, f.optimizer_s);
+        m.observe_ring_wait(f.ring_wait_s);
         let l = [("job", self.job.as_str())];
         m.inc(
             "ringtrain_worker_steps_total",

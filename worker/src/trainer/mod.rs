@@ -559,6 +559,7 @@ impl Trainer<'_> {
             let fb_s = t_fb.elapsed().as_secs_f64() - data_s;
 
             let t_ar = Instant::now();
+            crate::ring::engine::take_receive_wait();
             let finite = info_span!("allreduce").in_scope(|| {
                 self.ring
                     .all_reduce(st.version.0, &mut grads, ReduceOp::Sum)?;
@@ -579,6 +580,7 @@ impl Trainer<'_> {
                 Ok::<_, RingError>(finite)
             })?;
             let ar_s = t_ar.elapsed().as_secs_f64();
+            let ring_wait_s = crate::ring::engine::take_receive_wait().as_secs_f64();
             if !finite {
                 if !skip_nonfinite {
                     return Err(TrainError::NonFinite { step });
@@ -635,6 +637,7 @@ impl Trainer<'_> {
                 data_s,
                 forward_backward_s: fb_s,
                 allreduce_s: ar_s,
+                ring_wait_s,
                 optimizer_s: opt_s,
                 step_s,
                 allreduce_bytes: (grads.len() + buffers.len()) * 4,
