@@ -31,10 +31,10 @@ use std::time::{Duration, Instant};
 use ringtrain_common::data_plan;
 use ringtrain_common::jobspec::OnNonFinite;
 use ringtrain_common::metrics::Metrics;
+use ringtrain_common::telemetry;
 use ringtrain_common::worker_api::{
     Assignment, CheckpointReport, EvalReport, FinishReport, RingFailureReport, StepReport,
 };
-use ringtrain_common::telemetry;
 use ringtrain_common::WorkerId;
 use ringtrain_proto as pb;
 use ringtrain_proto::worker_control_client::WorkerControlClient;
