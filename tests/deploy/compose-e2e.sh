@@ -162,7 +162,9 @@ else
 fi
 
 # --- Every process's /metrics ---------------------------------------------------
-has_metric() { fetch "http://$1/metrics" | grep -q "^$2"; }
+# grep reads it all: with -q it would stop early, and under pipefail the
+# fetch that lost its reader fails the pipeline once /metrics outgrows a pipe.
+has_metric() { fetch "http://$1/metrics" | grep "^$2" >/dev/null; }
 if hp=$(published coordinator 9090) && has_metric "$hp" ringtrain_job_steps_total; then
   ok "coordinator /metrics has ringtrain_job_steps_total"
 else
