@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Side-by-side training throughput: PyTorch DDP over Gloo (the peer,
 # shared/bench/peers/ddp_train.py) and ringtrain on the same workload, in one
-# run on this machine, then the ratio ringtrain/DDP of samples per second.
+# run on this machine, then the ratio ringtrain/DDP of samples per second,
+# and the time each whole command takes for the same fixed job (start-up
+# included).
 # Usage: scripts/bench-train.sh [WORLD] [STEPS] [MODEL] [BATCH]   (ROUNDS, default 3)
 # With COMPARE=insecure it measures the cost of security instead: ringtrain
 # with mutual TLS (the default) against ringtrain --insecure, alternated, and
@@ -40,9 +42,18 @@ PY
 fi
 # Alternate the two, ROUNDS times: one run on a noisy machine says little, so
 # the ratio printed is of the median samples/s over the rounds.
+# Each side's whole command is timed too (start-up, data loading, every step,
+# teardown): the time to finish the same fixed job end to end.
+now() { date +%s.%N; }
 for r in $(seq "$rounds"); do
+  t0=$(now)
   ddp=$(.venv/bin/python "$peers/ddp_train.py" --world "$world" --model "$model" --batch "$batch" --epochs 0 --steps "$steps" 2>/dev/null | tail -n 1)
+  t1=$(now)
   ours=$(target/release/ringtrain bench train --world "$world" --model "$model" --batch "$batch" --steps "$steps" | tail -n 1)
+  t2=$(now)
+  with_job_s() { python3 -c 'import json,sys; r=json.loads(sys.argv[1]); r["job_s"]=float(sys.argv[3])-float(sys.argv[2]); print(json.dumps(r))' "$@"; }
+  ddp=$(with_job_s "$ddp" "$t0" "$t1")
+  ours=$(with_job_s "$ours" "$t1" "$t2")
   echo "$ddp"
   echo "$ours"
   lines+=("$ddp" "$ours")
@@ -50,6 +61,10 @@ done
 python3 - "${lines[@]}" <<'PY'
 import json, statistics, sys
 rows = [json.loads(a) for a in sys.argv[1:]]
+dj = statistics.median(r["job_s"] for r in rows if r["impl"] != "ringtrain")
+oj = statistics.median(r["job_s"] for r in rows if r["impl"] == "ringtrain")
+print(f"fixed job end to end ({rows[0]['steps']} steps, start-up included): ddp median {dj:.1f} s, "
+      f"ringtrain median {oj:.1f} s, ddp/ringtrain = {dj / oj:.2f}x")
 ddp = [r["samples_per_s"] for r in rows if r["impl"] != "ringtrain"]
 ours = [r["samples_per_s"] for r in rows if r["impl"] == "ringtrain"]
 d, o = statistics.median(ddp), statistics.median(ours)
