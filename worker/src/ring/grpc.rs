@@ -457,7 +457,7 @@ impl FrameSender for GrpcSender {
             payload,
             proof: Vec::new(),
         };
-        let during = format!("sending step {} {} chunk {}", h.step, h.phase, h.chunk);
+        let during = super::transport::sending(h);
         let abort = self.abort.clone();
         let sent = self.handle.block_on(async {
             tokio::select! {
@@ -544,12 +544,7 @@ fn header_of(f: &RingFrame) -> Result<FrameHeader, WireError> {
 
 impl FrameReceiver for GrpcReceiver {
     fn recv(&mut self, expected: &FrameHeader, payload: &mut [u8]) -> Result<(), RingError> {
-        let during = || {
-            format!(
-                "receiving step {} {} chunk {}",
-                expected.step, expected.phase, expected.chunk
-            )
-        };
+        let during = || super::transport::receiving(expected);
         let abort = self.abort.clone();
         let frames = &mut self.inbound.frames;
         let got = self.handle.block_on(async {

@@ -35,6 +35,11 @@ use super::inbox::LinkKey;
 /// Bytes of payload per authenticated piece: small enough that the receiver
 /// sums a checked piece while it is still in cache.
 pub const PIECE_BYTES: usize = 64 * 1024;
+/// The bytes of piece `i` of a payload of `total` bytes.
+pub fn piece_range(total: usize, i: usize) -> std::ops::Range<usize> {
+    (i * PIECE_BYTES).min(total)..((i + 1) * PIECE_BYTES).min(total)
+}
+
 /// The largest tag of any mode.
 pub const MAX_TAG_LEN: usize = 32;
 pub const NONCE_LEN: usize = 32;

@@ -38,8 +38,8 @@ use std::time::Duration;
 
 use ringtrain_common::wire::FrameHeader;
 
-use super::secure::{LinkCipher, MAX_TAG_LEN, PIECE_BYTES};
-use super::transport::{FrameReceiver, FrameSender};
+use super::secure::{piece_range, LinkCipher, MAX_TAG_LEN, PIECE_BYTES};
+use super::transport::{receiving, sending, FrameReceiver, FrameSender};
 use super::{Peer, RingError};
 
 /// Sealed pieces per slot (and per TCP write when on TCP).
@@ -351,10 +351,6 @@ fn ring_bell(waiting: &AtomicU32, bell: &mut TcpStream) -> std::io::Result<()> {
     Ok(())
 }
 
-fn piece_range(total: usize, i: usize) -> std::ops::Range<usize> {
-    (i * PIECE_BYTES).min(total)..((i + 1) * PIECE_BYTES).min(total)
-}
-
 pub struct ShmSender {
     map: Mapping,
     bell: TcpStream,
@@ -435,13 +431,7 @@ impl FrameSender for ShmSender {
         let head = header.to_bytes();
         let sent = self.send_frame(&head, payload);
         self.cipher.next_frame();
-        sent.map_err(|e| {
-            let during = format!(
-                "sending step {} {} chunk {}",
-                header.step, header.phase, header.chunk
-            );
-            RingError::io(&self.peer, during, self.timeout, e)
-        })
+        sent.map_err(|e| RingError::io(&self.peer, sending(header), self.timeout, e))
     }
 }
 
@@ -473,13 +463,6 @@ impl ShmReceiver {
         }
     }
 
-    fn during(expected: &FrameHeader) -> String {
-        format!(
-            "receiving step {} {} chunk {}",
-            expected.step, expected.phase, expected.chunk
-        )
-    }
-
     fn refused(&self, source: ringtrain_common::wire::WireError) -> RingError {
         RingError::Refused {
             peer: self.peer.clone(),
@@ -507,7 +490,7 @@ impl ShmReceiver {
                 self.map.u32_at(AT_DATA_WAITING),
                 &mut self.bell,
             )
-            .map_err(|e| RingError::io(&self.peer, Self::during(expected), self.timeout, e))?;
+            .map_err(|e| RingError::io(&self.peer, receiving(expected), self.timeout, e))?;
             // SAFETY: the sender published this slot (written > next) and
             // will not touch it until we release it.
             let (used, slot) = unsafe { self.map.slot(next) };
@@ -546,7 +529,7 @@ impl ShmReceiver {
             self.next += 1;
             self.map.u64_at(AT_READ).store(self.next, Ordering::SeqCst);
             ring_bell(self.map.u32_at(AT_SPACE_WAITING), &mut self.bell)
-                .map_err(|e| RingError::io(&self.peer, Self::during(expected), self.timeout, e))?;
+                .map_err(|e| RingError::io(&self.peer, receiving(expected), self.timeout, e))?;
         }
         Ok(())
     }

@@ -16,11 +16,11 @@ use tokio::net::TcpListener;
 
 use super::inbox::{Expectation, Inbox, InboxLimits, LinkKey, Unexpected};
 use super::secure::{
-    proof_matches, Hello, LinkCipher, RingKey, RingSecurity, Transcript, MAX_TAG_LEN, NONCE_LEN,
-    PIECE_BYTES, PROOF_LEN,
+    piece_range, proof_matches, Hello, LinkCipher, RingKey, RingSecurity, Transcript, MAX_TAG_LEN,
+    NONCE_LEN, PIECE_BYTES, PROOF_LEN,
 };
 use super::shm::{self, BATCH_PIECES};
-use super::transport::{FrameReceiver, FrameSender, LinkAbort, RingLinks};
+use super::transport::{receiving, sending, FrameReceiver, FrameSender, LinkAbort, RingLinks};
 use super::{Peer, RingError, RingSpec, DIAL_BACKOFF};
 
 /// Socket buffer size. Bigger is slower here: data that waits long in a
@@ -521,11 +521,6 @@ fn read_exact_vectored(
     Ok(())
 }
 
-/// The bytes of piece `i` of a payload of `total` bytes.
-fn piece_range(total: usize, i: usize) -> std::ops::Range<usize> {
-    (i * PIECE_BYTES).min(total)..((i + 1) * PIECE_BYTES).min(total)
-}
-
 impl TcpSender {
     /// Header, then each piece followed by its tag, [`BATCH_PIECES`] pieces
     /// per write: one syscall per 64 KiB piece cost more than the sealing
@@ -593,13 +588,7 @@ impl FrameSender for TcpSender {
             )
         };
         self.cipher.next_frame();
-        sent.map_err(|e| {
-            let during = format!(
-                "sending step {} {} chunk {}",
-                header.step, header.phase, header.chunk
-            );
-            RingError::io(&self.peer, during, self.timeout, e)
-        })
+        sent.map_err(|e| RingError::io(&self.peer, sending(header), self.timeout, e))
     }
 }
 
@@ -614,15 +603,8 @@ struct TcpReceiver {
 }
 
 impl TcpReceiver {
-    fn during(expected: &FrameHeader) -> String {
-        format!(
-            "receiving step {} {} chunk {}",
-            expected.step, expected.phase, expected.chunk
-        )
-    }
-
     fn io(&self, expected: &FrameHeader, e: std::io::Error) -> RingError {
-        RingError::io(&self.peer, Self::during(expected), self.timeout, e)
+        RingError::io(&self.peer, receiving(expected), self.timeout, e)
     }
 
     fn refused(&self, source: ringtrain_common::wire::WireError) -> RingError {
@@ -666,9 +648,9 @@ impl TcpReceiver {
                     .map(|i| piece_range(total, i).len() + tag_len)
                     .sum();
                 let buf = &mut bytemuck::cast_slice_mut::<u32, u8>(&mut self.pieces)[..bytes];
-                self.stream.read_exact(buf).map_err(|e| {
-                    RingError::io(&self.peer, Self::during(expected), self.timeout, e)
-                })?;
+                self.stream
+                    .read_exact(buf)
+                    .map_err(|e| RingError::io(&self.peer, receiving(expected), self.timeout, e))?;
                 let mut at = 0;
                 for i in batch..end {
                     let n = piece_range(total, i).len() + tag_len;
@@ -716,7 +698,7 @@ impl TcpReceiver {
                         rest = tail;
                     }
                     read_exact_vectored(&mut self.stream, &mut bufs).map_err(|e| {
-                        RingError::io(&self.peer, Self::during(expected), self.timeout, e)
+                        RingError::io(&self.peer, receiving(expected), self.timeout, e)
                     })?;
                 }
                 for i in batch..end {

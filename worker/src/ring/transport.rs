@@ -7,6 +7,16 @@ use ringtrain_common::wire::FrameHeader;
 
 use super::{Peer, RingError};
 
+/// What a link was doing, for its errors: the frame being sent.
+pub fn sending(h: &FrameHeader) -> String {
+    format!("sending step {} {} chunk {}", h.step, h.phase, h.chunk)
+}
+
+/// What a link was doing, for its errors: the frame being received.
+pub fn receiving(h: &FrameHeader) -> String {
+    format!("receiving step {} {} chunk {}", h.step, h.phase, h.chunk)
+}
+
 /// Sending half of a link, to the right neighbour.
 pub trait FrameSender: Send {
     fn send(&mut self, header: &FrameHeader, payload: &[u8]) -> Result<(), RingError>;
