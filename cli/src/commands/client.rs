@@ -187,11 +187,19 @@ static INSECURE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::
 
 fn status_error(e: tonic::Status) -> anyhow::Error {
     // A TLS server hangs up on a plaintext client's first call.
+    // Depending on timing the hang-up surfaces as an h2 error, a transport
+    // error or a cancelled call; a status made from a local transport error
+    // carries that error as its source, one the server sent does not.
     let transport_failed = matches!(
         e.code(),
-        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal
-    ) && (e.message().contains("h2 protocol error")
-        || e.message().contains("transport error"));
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Internal
+            | tonic::Code::Cancelled
+    ) && (std::error::Error::source(&e).is_some()
+        || e.message().contains("h2 protocol error")
+        || e.message().contains("transport error")
+        || e.message().contains("operation was canceled"));
     if transport_failed && INSECURE.load(std::sync::atomic::Ordering::Relaxed) {
         return anyhow!(
             "{} (if the coordinator serves TLS, pass --tls-dir instead of --insecure)",
