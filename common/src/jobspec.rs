@@ -459,6 +459,49 @@ pub struct RingSpecOptions {
     /// Seconds a silent ring neighbour is tolerated.
     #[serde(default = "ten")]
     pub timeout_s: f64,
+    /// Reduce the gradient in buckets while the backward pass still runs
+    /// (as DDP does), instead of all of it after.
+    #[serde(default = "yes")]
+    pub overlap: bool,
+    /// Size of each gradient bucket after the first (1 MiB), in MiB.
+    #[serde(default = "default_bucket_mb")]
+    pub bucket_mb: f64,
+    /// The gradient's form on the wire: "none" (exact f32, the default),
+    /// "bf16" or "fp16" (half the bytes; sums are still taken in f32).
+    /// Another name for `encoding`, which says the same with f32/bf16/f16.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<Compression>,
+}
+
+fn default_bucket_mb() -> f64 {
+    25.0
+}
+
+/// Gradient compression on the ring (`ring.compression`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    None,
+    Bf16,
+    Fp16,
+}
+
+impl Compression {
+    pub fn encoding(self) -> WireEncoding {
+        match self {
+            Self::None => WireEncoding::F32,
+            Self::Bf16 => WireEncoding::Bf16,
+            Self::Fp16 => WireEncoding::F16,
+        }
+    }
+}
+
+impl RingSpecOptions {
+    /// What the gradient travels as: `compression` if set, else `encoding`.
+    pub fn wire_encoding(&self) -> WireEncoding {
+        self.compression
+            .map_or(self.encoding, Compression::encoding)
+    }
 }
 
 fn ten() -> f64 {
@@ -471,6 +514,9 @@ impl Default for RingSpecOptions {
             transport: TransportKind::Tcp,
             encoding: WireEncoding::F32,
             timeout_s: ten(),
+            overlap: true,
+            bucket_mb: default_bucket_mb(),
+            compression: None,
         }
     }
 }
@@ -590,6 +636,26 @@ impl JobSpec {
                 "ring.timeout_s",
                 "must be a positive number of seconds",
             ));
+        }
+        if !(self.ring.bucket_mb.is_finite()
+            && self.ring.bucket_mb >= 0.001
+            && self.ring.bucket_mb <= 1024.0)
+        {
+            return Err(invalid(
+                "ring.bucket_mb",
+                format!(
+                    "must be within 0.001..=1024 MiB (got {})",
+                    short(self.ring.bucket_mb)
+                ),
+            ));
+        }
+        if let Some(c) = self.ring.compression {
+            if self.ring.encoding != WireEncoding::F32 && self.ring.encoding != c.encoding() {
+                return Err(invalid(
+                    "ring.compression",
+                    "and ring.encoding disagree: set only one of them",
+                ));
+            }
         }
         if self.threads == 0 {
             return Err(invalid("threads", "must be at least 1"));

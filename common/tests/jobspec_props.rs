@@ -62,6 +62,9 @@ const KEYS: &[&str] = &[
     "model_config.heads",
     "ring.timeout_s",
     "ring.encoding",
+    "ring.compression",
+    "ring.overlap",
+    "ring.bucket_mb",
     "ring.transport",
     "checkpoint.every_steps",
     "bacth_size",
@@ -176,11 +179,16 @@ prop_compose! {
         encoding in prop::sample::select(&[WireEncoding::F32, WireEncoding::F16, WireEncoding::Bf16][..]),
         grpc in any::<bool>(),
         timeout_s in 0.1f64..600.0,
+        overlap in any::<bool>(),
+        bucket_mb in 0.001f64..1024.0,
     ) -> RingSpecOptions {
         RingSpecOptions {
             transport: if grpc { TransportKind::Grpc } else { TransportKind::Tcp },
             encoding,
             timeout_s,
+            overlap,
+            bucket_mb,
+            compression: None,
         }
     }
 }

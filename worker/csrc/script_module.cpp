@@ -82,4 +82,38 @@ void *rt_module_forward(void *m, void **inputs, int n, char **err) {
   return nullptr;
 }
 
+// ---- Gradient hooks: what tch does not expose ----
+//
+// The trainer reduces gradient buckets while the backward pass is still
+// running (as DDP does). A hook on a leaf parameter fires once per backward,
+// with the parameter's whole gradient for that pass, just before libtorch
+// accumulates it into `.grad`; the hook hands it to `cb` as contiguous f32
+// on the CPU. `cb` must not unwind (it is Rust code that catches panics).
+
+typedef void (*rt_grad_cb)(void *ctx, size_t index, const float *data, int64_t numel);
+
+// Registers the hook on tensor `t`; returns its handle for
+// rt_remove_grad_hook, or -1 with `err` set.
+int64_t rt_register_grad_hook(void *t, rt_grad_cb cb, void *ctx, size_t index, char **err) {
+  RT_TRY(auto &tensor = *static_cast<at::Tensor *>(t);
+         unsigned handle = tensor.register_hook([cb, ctx, index](const at::Tensor &grad) {
+           auto g = grad.to(c10::kCPU, c10::kFloat).contiguous();
+           cb(ctx, index, g.const_data_ptr<float>(), g.numel());
+         });
+         return static_cast<int64_t>(handle);)
+  return -1;
+}
+
+int rt_remove_grad_hook(void *t, int64_t handle, char **err) {
+  RT_TRY(static_cast<at::Tensor *>(t)->remove_hook(static_cast<unsigned>(handle)); return 0;)
+  return -1;
+}
+
+// Drops `t`'s gradient (`.grad = None`), so the next backward hands its
+// gradient over instead of adding it to a zeroed one.
+int rt_clear_grad(void *t, char **err) {
+  RT_TRY(static_cast<at::Tensor *>(t)->mutable_grad().reset(); return 0;)
+  return -1;
+}
+
 }  // extern "C"

@@ -12,6 +12,7 @@
 
 pub mod builtin;
 pub mod gpt;
+pub mod grad_hooks;
 pub mod script;
 
 use std::collections::HashMap;
@@ -545,10 +546,30 @@ impl Model {
         Ok(sum.double_value(&[]) / count)
     }
 
+    /// Drops every trained parameter's gradient (`.grad = None`), so the
+    /// next backward hands gradients over instead of adding them to zeros.
     pub fn zero_grads(&mut self) {
         for p in &mut self.params {
-            p.zero_grad();
+            if grad_hooks::clear_grad(p).is_err() {
+                p.zero_grad();
+            }
         }
+    }
+
+    /// [`Model::accumulate_gradients`], with each trained parameter's
+    /// gradient from this pass handed to `sink` as backward produces it
+    /// (index: the parameter's place in [`Model::layout`]).
+    pub fn accumulate_gradients_into(
+        &mut self,
+        x: &Tensor,
+        y: &Tensor,
+        global: u64,
+        sink: &mut dyn grad_hooks::GradSink,
+    ) -> Result<f64, ModelError> {
+        // Shallow clones share the parameters' autograd state, so their
+        // hooks are the parameters' hooks.
+        let params: Vec<Tensor> = self.params.iter().map(Tensor::shallow_clone).collect();
+        grad_hooks::with_hooks(&params, sink, || self.accumulate_gradients(x, y, global))?
     }
 
     /// Sums over the split's rows, in evaluation mode, [`EVAL_BATCH`] rows at a time.

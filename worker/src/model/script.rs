@@ -3,7 +3,7 @@
 //! cannot list a module's buffers, which replicas must keep identical and
 //! checkpoints must carry.
 //!
-//! The only unsafe code of the worker: FFI calls into the shim. Every shim
+//! Unsafe code here is FFI calls into the shim (as in `grad_hooks`). Every shim
 //! entry point catches C++ exceptions and hands back a message.
 #![allow(unsafe_code)]
 
@@ -49,7 +49,7 @@ extern "C" {
 }
 
 /// Takes the shim's error message, if it set one.
-fn take_error(err: *mut c_char) -> Option<ScriptError> {
+pub(super) fn take_error(err: *mut c_char) -> Option<ScriptError> {
     if err.is_null() {
         return None;
     }

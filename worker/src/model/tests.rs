@@ -248,6 +248,64 @@ fn gradients_of_halves_sum_to_the_whole() {
     }
 }
 
+/// Gathers what the gradient hooks hand over.
+#[derive(Default)]
+struct Hooked {
+    order: Vec<usize>,
+    grads: HashMap<usize, Vec<f32>>,
+}
+
+impl grad_hooks::GradSink for Hooked {
+    fn gradient(&mut self, index: usize, grad: &[f32]) {
+        self.order.push(index);
+        let g = self
+            .grads
+            .entry(index)
+            .or_insert_with(|| vec![0.0; grad.len()]);
+        for (a, b) in g.iter_mut().zip(grad) {
+            *a += b;
+        }
+    }
+}
+
+/// What the overlapped step relies on: one hook call per parameter and
+/// pass, carrying exactly what lands in `.grad`, the last layer first.
+#[test]
+fn gradient_hooks_hand_over_each_parameters_gradient_as_backward_makes_it() {
+    for kind in ["mlp", "cnn"] {
+        let mut m = builtin(kind, 3);
+        let (x, y) = random_batch(8, 4);
+        let mut hooked = Hooked::default();
+        m.zero_grads();
+        m.accumulate_gradients_into(&x.narrow(0, 0, 4), &y.narrow(0, 0, 4), 8, &mut hooked)
+            .unwrap();
+        m.accumulate_gradients_into(&x.narrow(0, 4, 4), &y.narrow(0, 4, 4), 8, &mut hooked)
+            .unwrap();
+        let n = m.layout().params().len();
+        assert_eq!(hooked.order.len(), 2 * n, "{kind}: {:?}", hooked.order);
+        // The output layer's gradient comes first, the first layer's last.
+        assert!(hooked.order[0] >= n - 2, "{kind}: {:?}", hooked.order);
+        assert!(hooked.order[n - 1] <= 1, "{kind}: {:?}", hooked.order);
+        let accumulated = flat_grads(&m);
+        for (i, spec) in m.layout().params().iter().enumerate() {
+            let want = &accumulated[spec.range()];
+            let got = &hooked.grads[&i];
+            let max = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+            for (w, g) in want.iter().zip(got) {
+                assert!(
+                    (w - g).abs() <= 1e-6 * max.max(1e-12),
+                    "{kind} {}: {w} vs {g}",
+                    spec.name
+                );
+            }
+        }
+        // Without hooks, nothing is called: they were removed.
+        m.zero_grads();
+        m.accumulate_gradients(&x, &y, 8).unwrap();
+        assert_eq!(hooked.order.len(), 2 * n);
+    }
+}
+
 #[test]
 fn an_empty_batch_adds_nothing() {
     let mut m = builtin("cnn", 0);

@@ -245,4 +245,4 @@ impl Ring {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

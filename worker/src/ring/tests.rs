@@ -52,7 +52,7 @@ fn spec(rank: usize, members: &[String], generation: u64, options: &RingOptions)
     }
 }
 
-async fn ring_of(world: usize, options: &RingOptions) -> Vec<Ring> {
+pub(crate) async fn ring_of(world: usize, options: &RingOptions) -> Vec<Ring> {
     let mut members = Vec::new();
     for _ in 0..world {
         members.push(start_member(options.transport).await);
@@ -86,7 +86,7 @@ fn all_reduce_all(
         .collect()
 }
 
-fn options(transport: TransportKind, segment_elems: usize) -> RingOptions {
+pub(crate) fn options(transport: TransportKind, segment_elems: usize) -> RingOptions {
     RingOptions {
         transport,
         segment_elems,

@@ -21,6 +21,7 @@
 
 mod job;
 mod metrics;
+pub mod overlap;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -91,6 +92,8 @@ pub enum TrainError {
     ModelFile(String),
     #[error("{0}")]
     Optimizer(#[from] OptimError),
+    #[error("gradient overlap: {0}")]
+    Overlap(String),
     #[error("stopped: {0}")]
     Stopped(&'static str),
     #[error("non-finite gradient at step {step}: the all-reduced gradient holds a NaN or an Inf (on_nonfinite = \"fail\"; \"skip_step\" skips such steps)")]
@@ -290,7 +293,7 @@ fn run(
         key: a.ring_key.clone(),
         options: RingOptions {
             transport: a.spec.ring.transport,
-            encoding: a.spec.ring.encoding,
+            encoding: a.spec.ring.wire_encoding(),
             timeout: ring_timeout(a.spec.ring.timeout_s),
             ..RingOptions::default()
         },
@@ -332,6 +335,45 @@ fn micro_batches(indices: &[i64], parts: usize) -> Vec<&[i64]> {
         at += len;
     }
     out
+}
+
+/// The wall clock in Unix seconds, as step reports carry it.
+fn unix_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// DDP's first bucket: small, so that the first reduce starts early.
+const FIRST_BUCKET_BYTES: usize = 1 << 20;
+
+/// The step's forward and backward passes, one per micro-batch; returns the
+/// mean loss over this rank's samples. With a `filler`, each pass hands its
+/// gradients to it as backward produces them.
+fn forward_backward(
+    st: &mut TrainingState,
+    micros: &[&[i64]],
+    in_step: u64,
+    mut filler: Option<&mut overlap::BucketFiller<'_, '_>>,
+    data_s: &mut f64,
+) -> Result<f64, TrainError> {
+    let mut loss_sum = 0.0;
+    let mut samples = 0;
+    for (i, micro) in micros.iter().enumerate() {
+        let t_data = Instant::now();
+        let (x, y) = info_span!("data").in_scope(|| st.data.train.batch(micro));
+        *data_s += t_data.elapsed().as_secs_f64();
+        let loss = match filler.as_deref_mut() {
+            Some(f) => {
+                let sink = f.pass(i + 1 == micros.len());
+                st.model.accumulate_gradients_into(&x, &y, in_step, sink)?
+            }
+            None => st.model.accumulate_gradients(&x, &y, in_step)?,
+        };
+        loss_sum += loss * micro.len() as f64;
+        samples += micro.len();
+    }
+    Ok(loss_sum / samples.max(1) as f64)
 }
 
 impl Trainer<'_> {
@@ -494,6 +536,15 @@ impl Trainer<'_> {
         let mut perm: Vec<u32> = Vec::new();
         let recorder = metrics::Recorder::new(&self.ctx.metrics, &self.ctx.assignment);
         let mut grads = vec![0f32; self.st.params.len()];
+        let layout = self.st.model.layout().clone();
+        // Overlap needs a ring to overlap with.
+        let bucket_plan = (spec.ring.overlap && world > 1).then(|| {
+            overlap::BucketPlan::new(
+                &layout,
+                FIRST_BUCKET_BYTES / 4,
+                (spec.ring.bucket_mb * (1 << 20) as f64 / 4.0) as usize,
+            )
+        });
         let mut buffers = vec![0f32; self.st.model.buffer_layout().total()];
         let mut audit = self.audit_file()?;
         // Epochs bound the job by data, max_steps by versions: with a ring that
@@ -522,6 +573,7 @@ impl Trainer<'_> {
             telemetry::set_step_parent(&span, &job, a.generation.0, step);
             let _g = span.enter();
             let started = Instant::now();
+            let started_unix_s = unix_seconds();
             let st = &mut *self.st;
             if fault_step == Some(step) {
                 panic!("fault injection: RINGTRAIN_FAULT_INJECT=trainer_panic_at_step={step}");
@@ -541,28 +593,49 @@ impl Trainer<'_> {
             let indices: Vec<i64> = mine.clone().map(|p| i64::from(perm[p as usize])).collect();
             let in_step = positions.end - positions.start;
 
+            let micros = micro_batches(&indices, spec.accumulate);
             let mut data_s = 0.0;
             let t_fb = Instant::now();
-            let loss = info_span!("forward_backward").in_scope(|| {
+            crate::ring::engine::take_receive_wait();
+            let (loss, comm) = info_span!("forward_backward").in_scope(|| {
                 st.model.zero_grads();
-                let mut loss_sum = 0.0;
-                for micro in micro_batches(&indices, spec.accumulate) {
-                    let t_data = Instant::now();
-                    let (x, y) = info_span!("data").in_scope(|| st.data.train.batch(micro));
-                    data_s += t_data.elapsed().as_secs_f64();
-                    loss_sum +=
-                        st.model.accumulate_gradients(&x, &y, in_step)? * micro.len() as f64;
+                match &bucket_plan {
+                    // The gradient's buckets are reduced as backward fills them.
+                    Some(plan) => {
+                        let (loss, comm) = overlap::reduce_during_backward(
+                            self.ring,
+                            plan,
+                            &layout,
+                            &mut grads,
+                            st.version.0,
+                            &span,
+                            |filler| {
+                                forward_backward(st, &micros, in_step, Some(filler), &mut data_s)
+                            },
+                        );
+                        let comm = comm.map_err(|e| match e {
+                            overlap::OverlapError::Ring(e) => TrainError::Ring(e),
+                            other => TrainError::Overlap(other.to_string()),
+                        });
+                        Ok::<_, TrainError>((loss?, Some(comm?)))
+                    }
+                    None => {
+                        let loss = forward_backward(st, &micros, in_step, None, &mut data_s)?;
+                        st.model.grads_to_flat(&mut grads);
+                        Ok((loss, None))
+                    }
                 }
-                st.model.grads_to_flat(&mut grads);
-                Ok::<_, TrainError>(loss_sum / indices.len().max(1) as f64)
             })?;
-            let fb_s = t_fb.elapsed().as_secs_f64() - data_s;
+            let fb_s = t_fb.elapsed().as_secs_f64()
+                - data_s
+                - comm.as_ref().map_or(0.0, |c| c.exposed.as_secs_f64());
 
             let t_ar = Instant::now();
-            crate::ring::engine::take_receive_wait();
             let finite = info_span!("allreduce").in_scope(|| {
-                self.ring
-                    .all_reduce(st.version.0, &mut grads, ReduceOp::Sum)?;
+                if comm.is_none() {
+                    self.ring
+                        .all_reduce(st.version.0, &mut grads, ReduceOp::Sum)?;
+                }
                 // The reduced gradient is bit-identical on every replica (the
                 // owner of each chunk keeps exactly what it sends), so every
                 // replica takes the same branch from here on.
@@ -579,8 +652,12 @@ impl Trainer<'_> {
                 }
                 Ok::<_, RingError>(finite)
             })?;
-            let ar_s = t_ar.elapsed().as_secs_f64();
-            let ring_wait_s = crate::ring::engine::take_receive_wait().as_secs_f64();
+            // With overlap: what the step waited for the buckets after
+            // backward, plus the rest.
+            let ar_s = t_ar.elapsed().as_secs_f64()
+                + comm.as_ref().map_or(0.0, |c| c.exposed.as_secs_f64());
+            let ring_wait_s = crate::ring::engine::take_receive_wait().as_secs_f64()
+                + comm.as_ref().map_or(0.0, |c| c.ring_wait.as_secs_f64());
             if !finite {
                 if !skip_nonfinite {
                     return Err(TrainError::NonFinite { step });
@@ -660,6 +737,8 @@ impl Trainer<'_> {
                 epoch: st.cursor.epoch,
                 total_steps: total,
                 skipped_nonfinite: !finite,
+                started_unix_s,
+                finished_unix_s: unix_seconds(),
             };
             let version = st.version.0;
             let reply = self.call(
