@@ -1,13 +1,7 @@
 #!/usr/bin/env bash
 # Training over the emulated multi-host lab: PyTorch DDP (shared/bench/peers,
 # one rank per namespace) and ringtrain (worker R in namespace rtlabR)
-# alternate on the same shaped links, ROUNDS times, for each ringtrain wire
-# encoding in ENCODINGS; prints the ratio ringtrain/DDP of the medians of
-# samples/s (both by the wall clock after a warm-up) and appends a row per
-# encoding to $RESULTS (default bench-results/train.jsonl).
-#
-#   scripts/bench-netlab-train.sh [WORLD] [STEPS] [MODEL] [BATCH]   # 4 40 cnn 64
-#   RATE=1000 DELAY=0.1 ROUNDS=2 ENCODINGS="f32 bf16"
+
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -21,7 +15,7 @@ batch=${4:-64}
 rate=${RATE:-1000}
 delay=${DELAY:-0.1}
 rounds=${ROUNDS:-2}
-encodings=${ENCODINGS:-f32 bf16}
+variants=${VARIANTS:-f32-after-backward:ring.overlap=false f32:ring.overlap=true bf16:ring.compression=bf16}
 peers=${RINGTRAIN_PEERS:-../shared/bench/peers}
 results=${RESULTS:-bench-results/train.jsonl}
 mkdir -p "$(dirname "$results")"
@@ -48,9 +42,13 @@ ddp() {
 lines=()
 for _ in $(seq "$rounds"); do
   line=$(ddp); echo "$line"; lines+=("$line")
-  for enc in $encodings; do
+  for variant in $variants; do
+    sets=()
+    IFS=, read -ra kvs <<<"${variant#*:}"
+    for kv in "${kvs[@]}"; do sets+=(--set "$kv"); done
     line=$(target/release/ringtrain bench train --netlab --world "$world" --model "$model" --batch "$batch" \
-      --steps "$steps" --set "ring.encoding=$enc" | tail -n 1)
+      --steps "$steps" "${sets[@]}" | tail -n 1)
+    line=$(python3 -c 'import json,sys; r=json.loads(sys.argv[1]); r["variant"]=sys.argv[2]; print(json.dumps(r))' "$line" "${variant%%:*}")
     echo "$line"; lines+=("$line")
   done
 done
@@ -63,8 +61,7 @@ ddp = statistics.median(r["samples_per_s"] for r in rows if r["impl"] != "ringtr
 by = {}
 for r in rows:
     if r["impl"] == "ringtrain":
-        enc = next((o.split("=", 1)[1] for o in r.get("overrides", []) if o.startswith("ring.encoding=")), "f32")
-        by.setdefault(enc, []).append(r["samples_per_s"])
+        by.setdefault(r["variant"], []).append(r["samples_per_s"])
 with open(results, "a") as f:
     for enc, v in by.items():
         ours = statistics.median(v)

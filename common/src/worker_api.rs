@@ -58,6 +58,9 @@ pub struct StepReport {
     /// The all-reduced gradient held a NaN or an Inf and the job's
     /// `on_nonfinite = "skip_step"` left the parameters as they were.
     pub skipped_nonfinite: bool,
+    /// Wall clock (Unix seconds) when this member began and ended the step.
+    pub started_unix_s: f64,
+    pub finished_unix_s: f64,
 }
 
 /// Rank 0's report of an evaluation on the test split.

@@ -91,6 +91,8 @@ impl From<&MetricRow> for pb::MetricRow {
             has_eval: r.eval.is_some(),
             test_accuracy: r.eval.map_or(0.0, |e| e.0),
             test_loss: r.eval.map_or(0.0, |e| e.1),
+            started_unix_s: r.wall.map_or(0.0, |w| w.0),
+            finished_unix_s: r.wall.map_or(0.0, |w| w.1),
         }
     }
 }
@@ -104,6 +106,7 @@ impl From<&pb::MetricRow> for MetricRow {
             samples_per_s: r.samples_per_s,
             workers: r.workers,
             eval: r.has_eval.then_some((r.test_accuracy, r.test_loss)),
+            wall: (r.finished_unix_s > 0.0).then_some((r.started_unix_s, r.finished_unix_s)),
         }
     }
 }
@@ -178,6 +181,8 @@ impl From<&StepReport> for pb::StepReport {
             rank: r.rank.0,
             total_steps: r.total_steps,
             skipped_nonfinite: r.skipped_nonfinite,
+            started_unix_s: r.started_unix_s,
+            finished_unix_s: r.finished_unix_s,
         }
     }
 }
@@ -199,6 +204,8 @@ impl TryFrom<pb::StepReport> for StepReport {
             epoch: r.epoch,
             total_steps: r.total_steps,
             skipped_nonfinite: r.skipped_nonfinite,
+            started_unix_s: r.started_unix_s,
+            finished_unix_s: r.finished_unix_s,
         })
     }
 }

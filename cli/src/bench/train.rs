@@ -1,13 +1,14 @@
 //! `ringtrain bench train`: the workload of `ddp_train.py` on a local
 //! cluster, one JSON line with the same fields.
 //!
-//! Step times are wall-clock intervals between the coordinator's step events,
-//! so they include everything a step costs here (data, compute, all-reduce,
-//! optimizer, reporting).
-
-use std::time::Instant;
+//! The clock is `ddp_train.py`'s: wall time from the start of the first
+//! timed step on the earliest worker to the end of the last step on the
+//! latest (each worker reports its steps' wall-clock start and end; the
+//! coordinator keeps the extremes per step), so it includes everything a
+//! step costs here (data, compute, all-reduce, optimizer, reporting).
 
 use anyhow::{anyhow, ensure};
+use ringtrain_common::curve::MetricRow;
 use ringtrain_common::jobspec::JobSpec;
 use ringtrain_proto as pb;
 
@@ -70,7 +71,6 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<()> {
     let mut c = client::connect_cluster(&cluster).await?;
     let job = client::submit_spec(&mut c, &spec, None).await?;
     let mut stream = client::events(&mut c, &job).await?;
-    let mut seen: Vec<(u64, Instant)> = Vec::new();
     let mut last = None;
     while let Some(ev) = stream
         .message()
@@ -78,13 +78,9 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow!("{}", e.message()))?
     {
         if let Some(s) = ev.status {
-            if ev.kind == "step" && seen.last().is_none_or(|(step, _)| *step < s.step) {
-                seen.push((s.step, Instant::now()));
-            }
             last = Some(s);
         }
     }
-    drop(cluster);
     let end = last.ok_or_else(|| anyhow!("no status for job {job}"))?;
     ensure!(
         end.state == pb::JobState::Succeeded as i32,
@@ -92,22 +88,19 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<()> {
         client::state_name(end.state),
         end.error
     );
-    let timed: Vec<&(u64, Instant)> = seen.iter().filter(|(s, _)| *s >= args.warmup).collect();
-    let (first, final_) = (
-        timed.first().ok_or_else(|| anyhow!("no timed steps"))?,
-        timed[timed.len() - 1],
-    );
-    let steps = (final_.0 - first.0) as f64;
-    let secs = final_.1.duration_since(first.1).as_secs_f64();
-    let mut per_step: Vec<f64> = timed
-        .windows(2)
-        .map(|w| w[1].1.duration_since(w[0].1).as_secs_f64() / (w[1].0 - w[0].0) as f64)
+    let rows: Vec<MetricRow> = c
+        .get_job_metrics(pb::GetJobRequest {
+            job_id: job.to_string(),
+        })
+        .await
+        .map_err(|e| anyhow!("{}", e.message()))?
+        .into_inner()
+        .rows
+        .iter()
+        .map(MetricRow::from)
         .collect();
-    per_step.sort_by(f64::total_cmp);
-    let median = per_step
-        .get(per_step.len() / 2)
-        .copied()
-        .unwrap_or(f64::NAN);
+    drop(cluster);
+    let clock = FairClock::of(&rows, args.warmup)?;
     let line = serde_json::json!({
         "impl": "ringtrain",
         "security": if args.insecure { "insecure" } else { "mtls" },
@@ -117,11 +110,75 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<()> {
         "world": args.world,
         "batch_per_rank": args.batch,
         "steps": end.step,
-        "samples_per_s": steps * (args.batch * args.world) as f64 / secs,
-        "median_step_s": median,
+        "samples_per_s": clock.steps as f64 * (args.batch * args.world) as f64 / clock.seconds,
+        "median_step_s": clock.median_step_s,
         "final_loss": end.loss,
         "test_accuracy": if end.has_eval { Some(end.test_accuracy) } else { None },
     });
     println!("{line}");
     Ok(())
+}
+
+/// Steps after the warm-up, timed from the earliest worker's start of the
+/// first to the latest worker's end of the last.
+#[derive(Debug, PartialEq)]
+struct FairClock {
+    steps: u64,
+    seconds: f64,
+    /// Median gap between consecutive steps' latest ends.
+    median_step_s: f64,
+}
+
+impl FairClock {
+    fn of(rows: &[MetricRow], warmup: u64) -> anyhow::Result<Self> {
+        let timed: Vec<(u64, (f64, f64))> = rows
+            .iter()
+            .filter(|r| r.step > warmup)
+            .filter_map(|r| Some((r.step, r.wall?)))
+            .collect();
+        let (Some(first), Some(last)) = (timed.first(), timed.last()) else {
+            return Err(anyhow!(
+                "no step after the warm-up of {warmup} carries its wall-clock times"
+            ));
+        };
+        let seconds = last.1 .1 - first.1 .0;
+        ensure!(seconds > 0.0, "steps {}..={} took no time", first.0, last.0);
+        let mut gaps: Vec<f64> = timed
+            .windows(2)
+            .map(|w| (w[1].1 .1 - w[0].1 .1) / (w[1].0 - w[0].0) as f64)
+            .collect();
+        gaps.sort_by(f64::total_cmp);
+        Ok(Self {
+            steps: last.0 - first.0 + 1,
+            seconds,
+            median_step_s: gaps.get(gaps.len() / 2).copied().unwrap_or(seconds),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(step: u64, wall: Option<(f64, f64)>) -> MetricRow {
+        MetricRow {
+            step,
+            wall,
+            ..MetricRow::default()
+        }
+    }
+
+    #[test]
+    fn the_clock_runs_from_the_first_timed_start_to_the_last_end() {
+        let rows: Vec<MetricRow> = (1..=10)
+            .map(|s| row(s, Some((100.0 + s as f64, 100.8 + s as f64))))
+            .collect();
+        let c = FairClock::of(&rows, 5).unwrap();
+        assert_eq!(c.steps, 5, "steps 6..=10");
+        assert!((c.seconds - (110.8 - 106.0)).abs() < 1e-9, "{c:?}");
+        assert!((c.median_step_s - 1.0).abs() < 1e-9, "{c:?}");
+        let untimed: Vec<MetricRow> = (1..=10).map(|s| row(s, None)).collect();
+        let e = FairClock::of(&untimed, 5).unwrap_err().to_string();
+        assert!(e.contains("wall-clock"), "{e}");
+    }
 }

@@ -20,6 +20,9 @@ pub struct MetricRow {
     pub workers: u32,
     /// (test accuracy, test loss)
     pub eval: Option<(f64, f64)>,
+    /// (earliest member's start, latest member's end) of the step, in
+    /// Unix seconds: the fair clock for throughput over a span of steps.
+    pub wall: Option<(f64, f64)>,
 }
 
 /// Rows kept per job. Past it the history is thinned (see [`push_step`]), so a
@@ -145,6 +148,7 @@ pub fn from_csv(text: &str) -> Vec<MetricRow> {
             samples_per_s,
             workers,
             eval,
+            wall: None,
         };
         if !row.loss.is_finite() && row.eval.is_none() {
             continue;
@@ -229,6 +233,7 @@ mod tests {
                     samples_per_s: 1000.0,
                     workers: 2,
                     eval: None,
+                    wall: None,
                 },
             );
             if step % 10 == 0 {

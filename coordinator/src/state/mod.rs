@@ -102,6 +102,9 @@ pub struct VersionTally {
     /// The longest any member spent in the step's gradient all-reduce.
     pub slowest_allreduce_s: f64,
     pub epoch: u64,
+    /// The earliest member start and latest member end (Unix seconds).
+    pub started_unix_s: f64,
+    pub finished_unix_s: f64,
 }
 
 pub struct Job {

@@ -72,6 +72,12 @@ impl State {
         tally.samples += r.samples;
         tally.slowest_step_s = tally.slowest_step_s.max(r.step_seconds);
         tally.slowest_allreduce_s = tally.slowest_allreduce_s.max(r.allreduce_seconds);
+        if r.finished_unix_s > 0.0 {
+            if tally.started_unix_s == 0.0 || r.started_unix_s < tally.started_unix_s {
+                tally.started_unix_s = r.started_unix_s;
+            }
+            tally.finished_unix_s = tally.finished_unix_s.max(r.finished_unix_s);
+        }
         let complete = tally.reporters.len() == world;
         if complete {
             let (loss, samples, secs, allreduce_s, epoch) = (
@@ -81,6 +87,8 @@ impl State {
                 tally.slowest_allreduce_s,
                 tally.epoch,
             );
+            let wall = (tally.finished_unix_s > 0.0)
+                .then_some((tally.started_unix_s, tally.finished_unix_s));
             job.step = job.step.max(r.version);
             job.epoch = epoch;
             job.loss = loss;
@@ -109,6 +117,7 @@ impl State {
                     samples_per_s: sps,
                     workers: world as u32,
                     eval: None,
+                    wall,
                 },
             );
             if let Some(dir) = job.tensorboard_dir() {

@@ -124,6 +124,9 @@ impl Cluster {
             epoch: 0,
             total_steps: 5,
             skipped_nonfinite,
+            // Rank 1 starts and ends 0.1 s after rank 0.
+            started_unix_s: 1000.0 + v as f64 + f64::from(a.rank.0) * 0.1,
+            finished_unix_s: 1000.5 + v as f64 + f64::from(a.rank.0) * 0.1,
         };
         self.st.report_step(self.now, &r)
     }
@@ -202,6 +205,9 @@ fn a_version_is_committed_once_every_member_reports_the_same_hash() {
     assert_eq!(job.step, ParamVersion(1));
     assert_eq!(job.loss, 2.0);
     assert_eq!(job.samples_per_s, 160.0, "16 samples in the slowest 0.1 s");
+    // The fair clock: the earliest member's start, the latest member's end.
+    let (rows, _) = c.st.history(JOB).unwrap();
+    assert_eq!(rows.last().and_then(|r| r.wall), Some((1001.0, 1001.6)));
     assert!(matches!(
         fx.observations[..],
         [Observation::StepCompleted { samples: 16, .. }]
@@ -483,6 +489,8 @@ fn committed_steps_and_evaluations_become_tensorboard_scalars() {
             epoch: 0,
             total_steps: 5,
             skipped_nonfinite: false,
+            started_unix_s: 0.0,
+            finished_unix_s: 0.0,
         };
     let (mut c, [(w1, a1), (w2, a2)]) = Cluster::running();
     let (_, fx) =
