@@ -460,15 +460,19 @@ pub struct RingSpecOptions {
     #[serde(default = "ten")]
     pub timeout_s: f64,
     /// Reduce the gradient in buckets while the backward pass still runs
-    /// (as DDP does), instead of all of it after.
-    #[serde(default = "yes")]
-    pub overlap: bool,
+    /// (as DDP does), instead of all of it after: `true`, `false`, or
+    /// "auto" (the default): on unless every member is on one host, where
+    /// the all-reduce costs CPU time rather than wire time and overlapping
+    /// it only makes it contend with the backward pass.
+    #[serde(default)]
+    pub overlap: Overlap,
     /// Size of each gradient bucket after the first (1 MiB), in MiB.
     #[serde(default = "default_bucket_mb")]
     pub bucket_mb: f64,
     /// The gradient's form on the wire: "none" (exact f32, the default),
-    /// "bf16" or "fp16" (half the bytes; sums are still taken in f32).
-    /// Another name for `encoding`, which says the same with f32/bf16/f16.
+    /// "bf16" or "fp16" (half the bytes; sums are still taken in f32; the
+    /// same as `encoding`), or "powersgd:R" (low-rank factors with error
+    /// feedback).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression: Option<Compression>,
 }
@@ -477,21 +481,121 @@ fn default_bucket_mb() -> f64 {
     25.0
 }
 
+/// `ring.overlap`: true, false or "auto".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Overlap {
+    Always(bool),
+    #[default]
+    #[serde(with = "auto_word")]
+    Auto,
+}
+
+mod auto_word {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("auto")
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<(), D::Error> {
+        match String::deserialize(d)?.as_str() {
+            "auto" => Ok(()),
+            _ => Err(serde::de::Error::custom("expected true, false or \"auto\"")),
+        }
+    }
+}
+
+impl Overlap {
+    /// Whether a ring of `members` (their ring addresses, host:port)
+    /// overlaps; every member decides alike from the same list.
+    pub fn applies(self, members: &[String]) -> bool {
+        match self {
+            Self::Always(on) => on,
+            Self::Auto => {
+                let host = |m: &String| -> String {
+                    m.rsplit_once(':')
+                        .map_or(m.as_str(), |(h, _)| h)
+                        .to_string()
+                };
+                members.first().is_some_and(|first| {
+                    let first = host(first);
+                    members.iter().any(|m| host(m) != first)
+                })
+            }
+        }
+    }
+}
+
 /// Gradient compression on the ring (`ring.compression`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "String", into = "String")]
 pub enum Compression {
+    /// Exact f32.
     None,
     Bf16,
     Fp16,
+    /// PowerSGD (Vogels et al., 2019): each weight matrix's gradient sent as
+    /// two rank-`rank` factors, with error feedback; other tensors exact.
+    PowerSgd {
+        rank: u32,
+    },
 }
 
+/// The largest PowerSGD rank accepted: past it the factors stop saving bytes
+/// on any layer worth compressing.
+pub const MAX_POWERSGD_RANK: u32 = 64;
+
 impl Compression {
+    /// The encoding of what travels: half for bf16/fp16, f32 otherwise
+    /// (PowerSGD's factors are small and sent exactly).
     pub fn encoding(self) -> WireEncoding {
         match self {
-            Self::None => WireEncoding::F32,
+            Self::None | Self::PowerSgd { .. } => WireEncoding::F32,
             Self::Bf16 => WireEncoding::Bf16,
             Self::Fp16 => WireEncoding::F16,
+        }
+    }
+
+    pub fn powersgd_rank(self) -> Option<usize> {
+        match self {
+            Self::PowerSgd { rank } => Some(rank as usize),
+            _ => None,
+        }
+    }
+}
+
+impl TryFrom<String> for Compression {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "none" => Ok(Self::None),
+            "bf16" => Ok(Self::Bf16),
+            "fp16" | "f16" => Ok(Self::Fp16),
+            other => match other.strip_prefix("powersgd:").map(str::parse::<u32>) {
+                Some(Ok(rank)) if (1..=MAX_POWERSGD_RANK).contains(&rank) => {
+                    Ok(Self::PowerSgd { rank })
+                }
+                Some(_) => Err(format!(
+                    "powersgd takes a rank within 1..={MAX_POWERSGD_RANK} (got '{}')",
+                    crate::quote(other)
+                )),
+                None => Err(format!(
+                    "unknown compression '{}' (expected none, bf16, fp16 or powersgd:RANK)",
+                    crate::quote(other)
+                )),
+            },
+        }
+    }
+}
+
+impl From<Compression> for String {
+    fn from(c: Compression) -> String {
+        match c {
+            Compression::None => "none".into(),
+            Compression::Bf16 => "bf16".into(),
+            Compression::Fp16 => "fp16".into(),
+            Compression::PowerSgd { rank } => format!("powersgd:{rank}"),
         }
     }
 }
@@ -514,7 +618,7 @@ impl Default for RingSpecOptions {
             transport: TransportKind::Tcp,
             encoding: WireEncoding::F32,
             timeout_s: ten(),
-            overlap: true,
+            overlap: Overlap::Auto,
             bucket_mb: default_bucket_mb(),
             compression: None,
         }
@@ -650,7 +754,9 @@ impl JobSpec {
             ));
         }
         if let Some(c) = self.ring.compression {
-            if self.ring.encoding != WireEncoding::F32 && self.ring.encoding != c.encoding() {
+            if self.ring.encoding != WireEncoding::F32
+                && (self.ring.encoding != c.encoding() || c.powersgd_rank().is_some())
+            {
                 return Err(invalid(
                     "ring.compression",
                     "and ring.encoding disagree: set only one of them",
@@ -1144,6 +1250,52 @@ momentum = 0.9
         let err = JobSpec::parse("name = 'x'", &[]).unwrap_err().to_string();
         assert!(err.contains("missing field"), "{err}");
         assert!(!err.contains('\n'), "one line: {err}");
+    }
+
+    #[test]
+    fn compression_names_a_wire_encoding_or_powersgd_with_a_rank() {
+        let parse = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            JobSpec::parse(EXAMPLE, &sets)
+        };
+        let bf16 = parse(&["ring.compression=bf16"]).unwrap();
+        assert_eq!(bf16.ring.wire_encoding(), WireEncoding::Bf16);
+        let psgd = parse(&["ring.compression=powersgd:4"]).unwrap();
+        assert_eq!(
+            psgd.ring.compression.and_then(Compression::powersgd_rank),
+            Some(4)
+        );
+        assert_eq!(psgd.ring.wire_encoding(), WireEncoding::F32);
+        assert_eq!(JobSpec::parse(&psgd.to_toml(), &[]).unwrap(), psgd);
+        let default = parse(&[]).unwrap();
+        assert_eq!(default.ring.wire_encoding(), WireEncoding::F32);
+        assert_eq!(default.ring.overlap, Overlap::Auto);
+        let on = parse(&["ring.overlap=true"]).unwrap();
+        assert_eq!(on.ring.overlap, Overlap::Always(true));
+        assert_eq!(JobSpec::parse(&default.to_toml(), &[]).unwrap(), default);
+        assert_eq!(JobSpec::parse(&on.to_toml(), &[]).unwrap(), on);
+        let e = parse(&["ring.overlap=sometimes"]).unwrap_err().to_string();
+        assert!(e.contains("ring.overlap"), "{e}");
+        // Auto: on across hosts, off when every member is on one.
+        let m = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(!Overlap::Auto.applies(&m(&["127.0.0.1:1", "127.0.0.1:2"])));
+        assert!(Overlap::Auto.applies(&m(&["10.0.0.1:1", "10.0.0.2:1"])));
+        assert!(Overlap::Auto.applies(&m(&["[::1]:1", "[::2]:1"])));
+        assert!(!Overlap::Auto.applies(&m(&["[::1]:1", "[::1]:2"])));
+        assert!(Overlap::Always(true).applies(&m(&["127.0.0.1:1", "127.0.0.1:2"])));
+        for (bad, says) in [
+            ("ring.compression=powersgd:0", "rank within 1..=64"),
+            ("ring.compression=powersgd:x", "rank within 1..=64"),
+            ("ring.compression=topk", "unknown compression 'topk'"),
+            ("ring.bucket_mb=0", "ring.bucket_mb"),
+        ] {
+            let e = parse(&[bad]).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        let e = parse(&["ring.compression=bf16", "ring.encoding=f16"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("set only one"), "{e}");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use proptest::prelude::*;
 use ringtrain_common::jobspec::{
     CheckpointSpec, DataFormat, DatasetSpec, DeviceSpec, JobSpec, LossKind, ModelConfig, ModelKind,
-    ModelSource, OnNonFinite, OptimizerKind, OptimizerSpec, RingSpecOptions, ScheduleKind,
+    ModelSource, OnNonFinite, OptimizerKind, OptimizerSpec, Overlap, RingSpecOptions, ScheduleKind,
     ScheduleSpec,
 };
 use ringtrain_common::wire::{TransportKind, WireEncoding};
@@ -179,7 +179,7 @@ prop_compose! {
         encoding in prop::sample::select(&[WireEncoding::F32, WireEncoding::F16, WireEncoding::Bf16][..]),
         grpc in any::<bool>(),
         timeout_s in 0.1f64..600.0,
-        overlap in any::<bool>(),
+        overlap in prop::sample::select(&[Overlap::Auto, Overlap::Always(true), Overlap::Always(false)][..]),
         bucket_mb in 0.001f64..1024.0,
     ) -> RingSpecOptions {
         RingSpecOptions {

@@ -22,6 +22,7 @@
 mod job;
 mod metrics;
 pub mod overlap;
+pub mod powersgd;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -537,8 +538,24 @@ impl Trainer<'_> {
         let recorder = metrics::Recorder::new(&self.ctx.metrics, &self.ctx.assignment);
         let mut grads = vec![0f32; self.st.params.len()];
         let layout = self.st.model.layout().clone();
+        // PowerSGD's factors are reduced after backward (they are small);
+        // each generation starts its warm start and error feedback afresh.
+        let mut powersgd = spec
+            .ring
+            .compression
+            .and_then(|c| c.powersgd_rank())
+            .filter(|_| world > 1)
+            .map(|r| powersgd::PowerSgd::new(&layout, r, spec.seed ^ self.st.version.0));
+        if let Some(p) = &powersgd {
+            info!(
+                sent = p.sent_elements(),
+                of = layout.total(),
+                "PowerSGD: elements sent per step"
+            );
+        }
         // Overlap needs a ring to overlap with.
-        let bucket_plan = (spec.ring.overlap && world > 1).then(|| {
+        let overlap = spec.ring.overlap.applies(&self.ctx.assignment.members);
+        let bucket_plan = (overlap && world > 1 && powersgd.is_none()).then(|| {
             overlap::BucketPlan::new(
                 &layout,
                 FIRST_BUCKET_BYTES / 4,
@@ -632,9 +649,13 @@ impl Trainer<'_> {
 
             let t_ar = Instant::now();
             let finite = info_span!("allreduce").in_scope(|| {
-                if comm.is_none() {
-                    self.ring
-                        .all_reduce(st.version.0, &mut grads, ReduceOp::Sum)?;
+                match (&comm, powersgd.as_mut()) {
+                    (Some(_), _) => {}
+                    (None, Some(p)) => p.all_reduce(self.ring, st.version.0, &mut grads)?,
+                    (None, None) => {
+                        self.ring
+                            .all_reduce(st.version.0, &mut grads, ReduceOp::Sum)?
+                    }
                 }
                 // The reduced gradient is bit-identical on every replica (the
                 // owner of each chunk keeps exactly what it sends), so every
@@ -659,6 +680,9 @@ impl Trainer<'_> {
             let ring_wait_s = crate::ring::engine::take_receive_wait().as_secs_f64()
                 + comm.as_ref().map_or(0.0, |c| c.ring_wait.as_secs_f64());
             if !finite {
+                if let Some(p) = powersgd.as_mut() {
+                    p.reset_error();
+                }
                 if !skip_nonfinite {
                     return Err(TrainError::NonFinite { step });
                 }
