@@ -160,6 +160,18 @@ pub fn cnn_spec() -> String {
         .into_owned()
 }
 
+/// A test job's settings, with gradient overlap forced on unless the test
+/// says otherwise: every member of a test cluster is on this host, where
+/// `ring.overlap = "auto"` would turn it off, and the fault and training
+/// tests must hold with it.
+fn with_overlap<'a>(sets: &[&'a str]) -> Vec<&'a str> {
+    let mut out = sets.to_vec();
+    if !sets.iter().any(|s| s.starts_with("ring.overlap=")) {
+        out.push("ring.overlap=true");
+    }
+    out
+}
+
 /// Polls `check` until it returns Some or `timeout` passes.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
@@ -359,7 +371,7 @@ impl Cluster {
     /// `ringtrain submit SPEC --set S...`; returns the new job's id.
     pub fn submit(&self, spec: &str, sets: &[&str]) -> String {
         let mut args = vec!["submit", spec];
-        for s in sets {
+        for s in with_overlap(sets) {
             args.extend(["--set", s]);
         }
         let o = self.cli(&args);
@@ -371,7 +383,7 @@ impl Cluster {
     /// returns its final status line (the submission must succeed).
     pub fn submit_and_watch(&self, spec: &str, sets: &[&str]) -> serde_json::Value {
         let mut args = vec!["submit", spec, "--watch", "--json"];
-        for s in sets {
+        for s in with_overlap(sets) {
             args.extend(["--set", s]);
         }
         let o = self.cli(&args);

@@ -57,6 +57,10 @@ pub struct Args {
     /// shared memory instead of loopback TCP.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     shared_memory: bool,
+    /// Seal frames through shared memory too (off by default: they never
+    /// touch a network; see the README, "Same-host links").
+    #[arg(long)]
+    seal_shared_memory: bool,
     /// Run rank R in network namespace rtlabR at 10.77.0.(R+1), the emulated
     /// multi-host lab that `scripts/netlab.sh up W RATE DELAY` makes.
     #[arg(long)]
@@ -107,6 +111,7 @@ impl Args {
             timeout: Duration::from_secs(self.timeout_s),
             security: self.security,
             shared_memory: self.shared_memory,
+            seal_shared_memory: self.seal_shared_memory,
         }
     }
 
@@ -126,6 +131,10 @@ impl Args {
         .into_iter()
         .flat_map(|(k, v)| [k.to_string(), v])
         .chain(self.netlab.then(|| "--netlab".to_string()))
+        .chain(
+            self.seal_shared_memory
+                .then(|| "--seal-shared-memory".to_string()),
+        )
         .collect()
     }
 }
@@ -213,7 +222,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "impl": format!(
             "ringtrain-{}{}-{}",
             args.transport,
-            if args.shared_memory && !args.netlab && args.transport == TransportKind::Tcp { "+shm" } else { "" },
+            match (args.shared_memory && !args.netlab && args.transport == TransportKind::Tcp, args.seal_shared_memory) {
+                (true, false) => "+shm",
+                (true, true) => "+sealed-shm",
+                (false, _) => "",
+            },
             args.security
         ),
         "world": args.world,

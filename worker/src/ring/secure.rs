@@ -253,6 +253,14 @@ impl LinkCipher {
         Self { cipher, frame: 0 }
     }
 
+    /// Frames as they are, unsealed (mode none without a session key).
+    pub fn plain() -> Self {
+        Self {
+            cipher: Cipher::None,
+            frame: 0,
+        }
+    }
+
     /// Bytes of tag after each piece (0 in mode none).
     pub fn tag_len(&self) -> usize {
         match self.cipher {

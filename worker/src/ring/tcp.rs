@@ -263,6 +263,7 @@ pub async fn connect(spec: &RingSpec, inbox: &TcpInbox) -> Result<RingLinks, Rin
         ],
     });
     let shared_memory = spec.options.shared_memory;
+    let seal_shared_memory = spec.options.seal_shared_memory;
     let (sender, receiver) = tokio::task::spawn_blocking({
         let (left, right) = (left.clone(), right.clone());
         move || {
@@ -271,6 +272,7 @@ pub async fn connect(spec: &RingSpec, inbox: &TcpInbox) -> Result<RingLinks, Rin
                 (from_left.stream, from_left.cipher, left),
                 timeout,
                 shared_memory,
+                seal_shared_memory,
             )
         }
     })
@@ -296,7 +298,16 @@ fn planes(
     (from_left, recv_cipher, left): (TcpStream, LinkCipher, Peer),
     timeout: Duration,
     shared_memory: bool,
+    seal_shared_memory: bool,
 ) -> Result<Planes, RingError> {
+    // Frames through shared memory need no sealing: see `RingOptions`.
+    let shm_cipher = |cipher: LinkCipher| {
+        if seal_shared_memory {
+            cipher
+        } else {
+            LinkCipher::plain()
+        }
+    };
     let offer = shm::Offer::create(shared_memory);
     let during = "choosing the link's data plane";
     (&to_right)
@@ -334,7 +345,7 @@ fn planes(
             Box::new(shm::ShmSender::new(
                 map,
                 to_right,
-                send_cipher,
+                shm_cipher(send_cipher),
                 right,
                 timeout,
             ))
@@ -358,7 +369,7 @@ fn planes(
         Some(map) => Box::new(shm::ShmReceiver::new(
             map,
             from_left,
-            recv_cipher,
+            shm_cipher(recv_cipher),
             left,
             timeout,
         )),

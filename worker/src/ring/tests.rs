@@ -706,12 +706,21 @@ async fn a_neighbour_that_goes_away_fails_the_call_fast() {
             started.elapsed() < Duration::from_secs(5),
             "{transport}: did not fail fast"
         );
-        let err = outs[0]
-            .as_ref()
-            .expect_err("rank 0 lost its left")
-            .to_string();
-        assert!(err.contains("rank 2"), "{transport}: {err}");
-        assert!(outs[1].is_err());
+        // Both survivors fail; each names the neighbour it saw go first
+        // (rank 0 may see rank 1 give up before its own left, rank 2, is
+        // noticed gone), and rank 2 is named by at least one of them.
+        let errs: Vec<String> = outs
+            .iter()
+            .map(|o| {
+                o.as_ref()
+                    .expect_err("a survivor cannot finish")
+                    .to_string()
+            })
+            .collect();
+        assert!(
+            errs.iter().any(|e| e.contains("rank 2")),
+            "{transport}: {errs:?}"
+        );
     }
 }
 
