@@ -838,6 +838,21 @@ fn to_flat(layout: &ParamLayout, tensors: &[Tensor], out: &mut [f32]) {
 
 fn from_flat(layout: &ParamLayout, tensors: &mut [Tensor], flat: &[f32], device: Device) {
     assert_eq!(flat.len(), layout.total(), "flat length");
+    if device == Device::Cpu {
+        // One copy per parameter straight from `flat`: no staging tensor
+        // (a fresh allocation of the whole model every step, page faults
+        // included, then a second copy).
+        tch::no_grad(|| {
+            for (spec, t) in layout.params().iter().zip(tensors.iter_mut()) {
+                let part = &flat[spec.range()];
+                match borrowed_f32(part, &spec.shape) {
+                    Ok(src) => t.copy_(&src),
+                    Err(_) => t.copy_(&Tensor::from_slice(part).view(spec.shape.as_slice())),
+                }
+            }
+        });
+        return;
+    }
     let src = Tensor::from_slice(flat).to_device(device);
     tch::no_grad(|| {
         for (spec, t) in layout.params().iter().zip(tensors.iter_mut()) {
@@ -845,6 +860,23 @@ fn from_flat(layout: &ParamLayout, tensors: &mut [Tensor], flat: &[f32], device:
             t.copy_(&part.view(spec.shape.as_slice()));
         }
     });
+}
+
+/// A CPU tensor of `shape` over `values`, without a copy. Only for reading
+/// (as the source of a `copy_`) while `values` is borrowed: the tensor must
+/// be dropped before `values` is, which every caller does at once.
+#[allow(unsafe_code)]
+fn borrowed_f32(values: &[f32], shape: &[i64]) -> Result<Tensor, tch::TchError> {
+    if shape.iter().product::<i64>() != values.len() as i64 {
+        return Err(tch::TchError::Shape(format!(
+            "{} values for shape {shape:?}",
+            values.len()
+        )));
+    }
+    // SAFETY: `values` is valid, initialised f32 for its whole length, which
+    // matches `shape`; the tensor only reads it and does not outlive the
+    // borrow (see above).
+    unsafe { Tensor::f_from_blob(values.as_ptr().cast(), shape, &[], Kind::Float, Device::Cpu) }
 }
 
 /// Copies per-tensor values into the named tensors (in order).

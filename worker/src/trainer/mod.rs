@@ -719,8 +719,11 @@ impl Trainer<'_> {
             let step_s = started.elapsed().as_secs_f64();
             self.ctx.progress.store(st.version.0, Ordering::Relaxed);
             tracing::debug!(
+                data_s,
                 forward_backward_s = fb_s,
                 allreduce_s = ar_s,
+                optimizer_s = opt_s,
+                step_s,
                 loss,
                 lr,
                 grad_norm,
@@ -765,11 +768,16 @@ impl Trainer<'_> {
                 finished_unix_s: unix_seconds(),
             };
             let version = st.version.0;
+            let t_report = Instant::now();
             let reply = self.call(
                 self.client
                     .clone()
                     .report_step(pb::StepReport::from(&report)),
             )?;
+            tracing::debug!(
+                report_s = t_report.elapsed().as_secs_f64(),
+                "step reported"
+            );
             if !reply.continue_job {
                 return Err(TrainError::Stopped(
                     "the coordinator ended this ring generation",
