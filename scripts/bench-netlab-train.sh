@@ -15,7 +15,7 @@ batch=${4:-64}
 rate=${RATE:-1000}
 delay=${DELAY:-0.1}
 rounds=${ROUNDS:-2}
-variants=${VARIANTS:-f32-after-backward:ring.overlap=false f32:ring.overlap=true bf16:ring.compression=bf16}
+variants=${VARIANTS:-f32-after-backward:ring.overlap=false f32:ring.overlap=true bf16:ring.compression=bf16 powersgd-4:ring.compression=powersgd:4}
 peers=${RINGTRAIN_PEERS:-../shared/bench/peers}
 results=${RESULTS:-bench-results/train.jsonl}
 mkdir -p "$(dirname "$results")"

@@ -10,6 +10,7 @@ Usage: scripts/perf-report.py [RESULTS_DIR] [DOCS_DIR]
 """
 import json
 import os
+import statistics
 import sys
 
 import matplotlib
@@ -43,6 +44,7 @@ def main():
                   lambda r: (r["impl"], r["world"]))
     train = latest(rows(os.path.join(results, "train.jsonl")),
                    lambda r: (r.get("kind", ""), r["world"], r.get("model", "")))
+    accuracy = rows(os.path.join(results, "accuracy.jsonl"))
 
     md = ["# Performance", "",
           "Made by `scripts/bench-all.sh` (not part of the test run); every ratio comes from",
@@ -88,8 +90,9 @@ def main():
 
     if loop:
         md += ["## All-reduce on loopback (one host)", "",
-               "100 MB; ranks of one host move sealed frames through shared memory (see README,",
-               "\"Same-host links\"); `ringtrain-tcp-aead` is the same with that turned off.", "",
+               "100 MB; ranks of one host move frames through shared memory (see README,",
+               "\"Same-host links\"); `ringtrain-tcp-aead` is the same with that turned off",
+               "(sealed frames over loopback TCP).", "",
                "| W | implementation | Gloo median s | ours median s | vs Gloo |", "|---|---|---|---|---|"]
         for r in sorted(loop, key=lambda r: (r["world"], r["impl"])):
             md.append(f"| {r['world']} | {r['impl']} | {r['gloo_median_s']:.3f} | {r['median_s']:.3f} | "
@@ -98,17 +101,42 @@ def main():
 
     if train:
         md += ["## Training", "",
-               "Samples/s by the wall clock after a warm-up on both sides (DDP: between barriers;",
-               "ringtrain: between the coordinator's step events). On the lab, DDP overlaps its",
-               "bucketed all-reduces with the backward pass and ringtrain does not yet: it sends",
-               "the whole gradient after the backward, which is what the f32 row pays.", "",
-               "| what | W | model | DDP | ringtrain | ringtrain / DDP |", "|---|---|---|---|---|---|"]
+               "One clock for both sides: wall time from the start of the first step after the",
+               "warm-up on the earliest rank to the end of the last step on the latest (DDP:",
+               "between barriers; ringtrain: each worker reports its steps' wall-clock start and",
+               "end). `f32-after-backward` reduces the whole gradient after backward; `f32`",
+               "reduces buckets while backward runs (gradient hooks, as DDP does); `bf16` and",
+               "`powersgd-4` compress the gradient on the wire (`ring.compression`). The compute",
+               "ceiling is twice one rank alone with one thread (`ddp_train.py --world 1",
+               "--threads 1`), measured in the same run.", "",
+               "| what | W | model | DDP | ringtrain | ringtrain / DDP | ringtrain / ceiling |",
+               "|---|---|---|---|---|---|---|"]
         for r in train:
+            ceiling = f"{r['ours'] / r['ceiling']:.0%}" if r.get("ceiling") else ""
             md.append(f"| {r.get('kind', '')} | {r['world']} | {r.get('model', '')} | {r['ddp']:.1f} | "
-                      f"{r['ours']:.1f} | {r['ratio']:.2f}x |")
+                      f"{r['ours']:.1f} | {r['ratio']:.2f}x | {ceiling} |")
         md.append("")
 
-    md += ["## Rerun", "", "```sh", "scripts/bench-all.sh      # root (network namespaces); ~15 minutes on 2 cores",
+    if accuracy:
+        by = {}
+        for r in accuracy:
+            by.setdefault(r["setting"], []).append(r)
+        ddp = statistics.mean(r["test_accuracy"] for r in by.get("ddp", [])) if "ddp" in by else None
+        seeds = sorted({r["seed"] for r in accuracy})
+        md += ["## Accuracy of each gradient compressor", "",
+               "CNN, 2 epochs, W=4, batch 64 per rank, lr 0.05, momentum 0.9; test accuracy per",
+               f"seed ({', '.join(map(str, seeds))}) and the mean (`scripts/bench-accuracy.sh`).", "",
+               "| setting | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | vs DDP |",
+               "|---|" + "---|" * (len(seeds) + 2)]
+        for setting, rs in by.items():
+            per = {r["seed"]: r["test_accuracy"] for r in rs}
+            mean = statistics.mean(per.values())
+            vs = f"{(mean - ddp) * 100:+.2f} pp" if ddp is not None else ""
+            md.append(f"| {setting} | " + " | ".join(f"{per[s]:.4f}" if s in per else "" for s in seeds)
+                      + f" | {mean:.4f} | {vs} |")
+        md.append("")
+
+    md += ["## Rerun", "", "```sh", "scripts/bench-all.sh      # root (network namespaces); ~35 minutes on 2 cores",
            "```", ""]
     with open(os.path.join(docs, "performance.md"), "w") as f:
         f.write("\n".join(md))

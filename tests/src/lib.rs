@@ -116,7 +116,7 @@ pub fn local_output(spec: &str, workers: usize, run_dir: &Path, sets: &[&str]) -
         "--run-dir",
         &run_dir,
     ];
-    for s in sets {
+    for s in with_overlap(sets) {
         args.extend(["--set", s]);
     }
     run(&args)

@@ -337,3 +337,29 @@ fn training_over_grpc_with_bf16_gradients() {
         "evaluation counts are exact: {acc}"
     );
 }
+
+/// PowerSGD carries a whole job with gradient overlap asked for (it runs
+/// after backward instead): replicas stay bit-identical (the coordinator
+/// compares their hashes every step and would fail the job), and the
+/// compressed, error-fed gradient still trains the CNN.
+#[test]
+fn training_with_powersgd_keeps_replicas_identical_and_learns() {
+    if skip_without_data() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let v = local(
+        &cnn_spec(),
+        3,
+        dir.path(),
+        &[
+            "max_steps=40",
+            "batch_size=32",
+            "ring.compression=powersgd:2",
+            "ring.overlap=true",
+        ],
+    );
+    assert_eq!(v["steps"], 40, "{v}");
+    let acc = v["test_accuracy"].as_f64().expect("accuracy");
+    assert!(acc > 0.5, "PowerSGD gradients still train: {acc}");
+}

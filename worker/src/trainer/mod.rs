@@ -774,10 +774,7 @@ impl Trainer<'_> {
                     .clone()
                     .report_step(pb::StepReport::from(&report)),
             )?;
-            tracing::debug!(
-                report_s = t_report.elapsed().as_secs_f64(),
-                "step reported"
-            );
+            tracing::debug!(report_s = t_report.elapsed().as_secs_f64(), "step reported");
             if !reply.continue_job {
                 return Err(TrainError::Stopped(
                     "the coordinator ended this ring generation",
