@@ -181,7 +181,7 @@ impl GradSink for BucketFiller<'_, '_> {
             self.written[index] = true;
         }
         if self.last_pass {
-            self.missing[b] -= 1;
+            self.missing[b] = self.missing[b].saturating_sub(1);
             if self.missing[b] == 0 {
                 self.send(b);
             }
