@@ -88,17 +88,7 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<()> {
         client::state_name(end.state),
         end.error
     );
-    let rows: Vec<MetricRow> = c
-        .get_job_metrics(pb::GetJobRequest {
-            job_id: job.to_string(),
-        })
-        .await
-        .map_err(|e| anyhow!("{}", e.message()))?
-        .into_inner()
-        .rows
-        .iter()
-        .map(MetricRow::from)
-        .collect();
+    let rows = client::job_metrics(&mut c, &job.to_string()).await?;
     drop(cluster);
     let clock = FairClock::of(&rows, args.warmup)?;
     let line = serde_json::json!({

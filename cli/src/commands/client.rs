@@ -304,6 +304,23 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
 
 pub use ringtrain_proto::convert::job_state_name as state_name;
 
+/// A job's training curve (one row per committed step).
+pub async fn job_metrics(
+    c: &mut Client,
+    job: &str,
+) -> anyhow::Result<Vec<ringtrain_common::curve::MetricRow>> {
+    Ok(c.get_job_metrics(pb::GetJobRequest {
+        job_id: job.to_string(),
+    })
+    .await
+    .map_err(status_error)?
+    .into_inner()
+    .rows
+    .iter()
+    .map(ringtrain_common::curve::MetricRow::from)
+    .collect())
+}
+
 /// The one JSON line scripts read.
 pub fn result_json(s: &pb::JobStatus) -> serde_json::Value {
     let opt = |has: bool, v: f64| {

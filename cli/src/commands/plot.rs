@@ -31,17 +31,7 @@ pub async fn run(args: PlotArgs) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow!("{}", e.message()))?
         .into_inner();
-    let rows: Vec<MetricRow> = c
-        .get_job_metrics(pb::GetJobRequest {
-            job_id: args.job.clone(),
-        })
-        .await
-        .map_err(|e| anyhow!("{}", e.message()))?
-        .into_inner()
-        .rows
-        .iter()
-        .map(MetricRow::from)
-        .collect();
+    let rows: Vec<MetricRow> = client::job_metrics(&mut c, &args.job).await?;
     if rows.is_empty() {
         bail!("job {} has no completed steps to plot yet", args.job);
     }

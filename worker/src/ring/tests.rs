@@ -217,34 +217,46 @@ async fn check_ring(opts: &RingOptions, world: usize, len: usize) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mean_divides_by_the_world_and_a_ring_serves_many_calls() {
-    let world = 4;
-    let rings = ring_of(world, &options(TransportKind::Tcp, 1000)).await;
-    let outs = tokio::task::spawn_blocking(move || {
+/// Runs `f(rank, ring)` for every member at once, each on its own thread
+/// (ring calls block until every member makes them), and returns what each
+/// returned, by rank.
+pub(crate) async fn on_every_rank<T: Send + 'static>(
+    rings: Vec<Ring>,
+    f: impl Fn(usize, Ring) -> T + Clone + Send + 'static,
+) -> Vec<T> {
+    tokio::task::spawn_blocking(move || {
         let handles: Vec<_> = rings
             .into_iter()
             .enumerate()
-            .map(|(r, mut ring)| {
-                std::thread::spawn(move || {
-                    let mut last = Vec::new();
-                    for step in 0..5u64 {
-                        let mut v = vec![(r as f32 + 1.0) * (step as f32 + 1.0); 10_001];
-                        ring.all_reduce(step, &mut v, ReduceOp::Mean)
-                            .expect("all-reduce");
-                        last = v;
-                    }
-                    last
-                })
+            .map(|(rank, ring)| {
+                let f = f.clone();
+                std::thread::spawn(move || f(rank, ring))
             })
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().expect("thread"))
-            .collect::<Vec<_>>()
+            .map(|h| h.join().expect("rank thread"))
+            .collect()
     })
     .await
-    .expect("join");
+    .expect("join")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mean_divides_by_the_world_and_a_ring_serves_many_calls() {
+    let world = 4;
+    let rings = ring_of(world, &options(TransportKind::Tcp, 1000)).await;
+    let outs = on_every_rank(rings, |r, mut ring| {
+        let mut last = Vec::new();
+        for step in 0..5u64 {
+            let mut v = vec![(r as f32 + 1.0) * (step as f32 + 1.0); 10_001];
+            ring.all_reduce(step, &mut v, ReduceOp::Mean)
+                .expect("all-reduce");
+            last = v;
+        }
+        last
+    })
+    .await;
     // ranks contribute 5, 10, 15, 20 at step 4: mean 12.5
     for out in outs {
         assert!(out.iter().all(|&x| x == 12.5), "{:?}", &out[..4]);

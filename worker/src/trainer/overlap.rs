@@ -352,49 +352,35 @@ mod tests {
                 }
             }
         }
-        let outs = tokio::task::spawn_blocking(move || {
-            let handles: Vec<_> = rings
-                .into_iter()
-                .enumerate()
-                .map(|(rank, mut ring)| {
-                    let (l, plan) = (l.clone(), plan.clone());
-                    std::thread::spawn(move || {
-                        let mut grads = vec![f32::NAN; l.total()];
-                        let (r, comm) = reduce_during_backward(
-                            &mut ring,
-                            &plan,
-                            &l,
-                            &mut grads,
-                            5,
-                            &Span::none(),
-                            |filler| {
-                                for pass in 0..2 {
-                                    let sink = filler.pass(pass == 1);
-                                    // Each rank its own order.
-                                    let mut order: Vec<usize> = (0..lens.len()).rev().collect();
-                                    order.rotate_left(rank);
-                                    for p in order {
-                                        if !(pass == 1 && p == skipped) {
-                                            sink.gradient(p, &grad(rank, p, pass));
-                                        }
-                                    }
-                                }
-                                Ok::<_, ()>(())
-                            },
-                        );
-                        r.expect("backward");
-                        comm.expect("reduce");
-                        grads
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("thread"))
-                .collect::<Vec<_>>()
+        let outs = crate::ring::tests::on_every_rank(rings, move |rank, mut ring| {
+            let mut grads = vec![f32::NAN; l.total()];
+            let (r, comm) = reduce_during_backward(
+                &mut ring,
+                &plan,
+                &l,
+                &mut grads,
+                5,
+                &Span::none(),
+                |filler| {
+                    for pass in 0..2 {
+                        let sink = filler.pass(pass == 1);
+                        // Each rank its own order.
+                        let mut order: Vec<usize> = (0..lens.len()).rev().collect();
+                        order.rotate_left(rank);
+                        for p in order {
+                            if !(pass == 1 && p == skipped) {
+                                sink.gradient(p, &grad(rank, p, pass));
+                            }
+                        }
+                    }
+                    Ok::<_, ()>(())
+                },
+            );
+            r.expect("backward");
+            comm.expect("reduce");
+            grads
         })
-        .await
-        .expect("join");
+        .await;
         for (rank, out) in outs.iter().enumerate() {
             assert_eq!(out, &expected, "rank {rank}");
         }

@@ -292,56 +292,42 @@ mod tests {
         let l = layout(&[&[40, 30], &[40]]);
         let opts = crate::ring::tests::options(TransportKind::Tcp, 97);
         let rings = crate::ring::tests::ring_of(world, &opts).await;
-        let outs = tokio::task::spawn_blocking(move || {
-            let handles: Vec<_> = rings
-                .into_iter()
-                .enumerate()
-                .map(|(rank, mut ring)| {
-                    let l = l.clone();
-                    std::thread::spawn(move || {
-                        let mut c = PowerSgd::new(&l, 2, 9);
-                        // Step 1: rank-1 gradients u vᵀ scaled per rank.
-                        let u: Vec<f32> = (0..40).map(|i| (i % 7) as f32 - 3.0).collect();
-                        let v: Vec<f32> = (0..30).map(|j| (j % 5) as f32 - 2.0).collect();
-                        let mut g = vec![0f32; l.total()];
-                        for i in 0..40 {
-                            for j in 0..30 {
-                                g[i * 30 + j] = u[i] * v[j] * (rank + 1) as f32;
-                            }
-                        }
-                        for (k, b) in g[1200..].iter_mut().enumerate() {
-                            *b = (k + rank) as f32;
-                        }
-                        c.all_reduce(&mut ring, 1, &mut g).expect("reduce");
-                        // Step 2: a full-rank gradient; then two zero steps
-                        // that only send what error feedback kept back.
-                        let mut sum_sent = vec![0f32; 1200];
-                        let full: Vec<f32> = (0..1200)
-                            .map(|k| ((k * 31 + rank * 7) % 23) as f32 - 11.0)
-                            .collect();
-                        let mut steps = Vec::new();
-                        for step in 0..10 {
-                            let mut g2 = vec![0f32; l.total()];
-                            if step == 0 {
-                                g2[..1200].copy_from_slice(&full);
-                            }
-                            c.all_reduce(&mut ring, 2 + step, &mut g2).expect("reduce");
-                            for (s, x) in sum_sent.iter_mut().zip(&g2[..1200]) {
-                                *s += x;
-                            }
-                            steps.push(g2);
-                        }
-                        (g, steps, sum_sent)
-                    })
-                })
+        let outs = crate::ring::tests::on_every_rank(rings, move |rank, mut ring| {
+            let mut c = PowerSgd::new(&l, 2, 9);
+            // Step 1: rank-1 gradients u vᵀ scaled per rank.
+            let u: Vec<f32> = (0..40).map(|i| (i % 7) as f32 - 3.0).collect();
+            let v: Vec<f32> = (0..30).map(|j| (j % 5) as f32 - 2.0).collect();
+            let mut g = vec![0f32; l.total()];
+            for i in 0..40 {
+                for j in 0..30 {
+                    g[i * 30 + j] = u[i] * v[j] * (rank + 1) as f32;
+                }
+            }
+            for (k, b) in g[1200..].iter_mut().enumerate() {
+                *b = (k + rank) as f32;
+            }
+            c.all_reduce(&mut ring, 1, &mut g).expect("reduce");
+            // Step 2: a full-rank gradient; then two zero steps
+            // that only send what error feedback kept back.
+            let mut sum_sent = vec![0f32; 1200];
+            let full: Vec<f32> = (0..1200)
+                .map(|k| ((k * 31 + rank * 7) % 23) as f32 - 11.0)
                 .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("thread"))
-                .collect::<Vec<_>>()
+            let mut steps = Vec::new();
+            for step in 0..10 {
+                let mut g2 = vec![0f32; l.total()];
+                if step == 0 {
+                    g2[..1200].copy_from_slice(&full);
+                }
+                c.all_reduce(&mut ring, 2 + step, &mut g2).expect("reduce");
+                for (s, x) in sum_sent.iter_mut().zip(&g2[..1200]) {
+                    *s += x;
+                }
+                steps.push(g2);
+            }
+            (g, steps, sum_sent)
         })
-        .await
-        .expect("join");
+        .await;
         for (g, steps, _) in &outs[1..] {
             assert_eq!(g, &outs[0].0, "replicas identical");
             assert_eq!(steps, &outs[0].1, "replicas identical");
