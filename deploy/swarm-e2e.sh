@@ -136,16 +136,7 @@ cleanup() {
 }
 
 # --- The image: reused when it holds the current binary ------------------------
-[ -d "$DATASET" ] && ls "$DATASET"/train-images-idx3-ubyte* >/dev/null 2>&1 || {
-  source scripts/env.sh
-  ensure_dataset
-}
-if [ "${E2E_BUILD:-1}" = 1 ]; then
-  source scripts/env.sh
-  ensure_venv
-  say "cargo build --release"
-  build_release || must "cargo build --release"
-fi
+prepare_e2e
 [ -x "$BIN" ] || must "no $BIN"
 
 # The image's /opt/ringtrain/bin/ringtrain is deploy/stage.sh's copy of $BIN:

@@ -72,16 +72,7 @@ published() {
 }
 
 # --- Build -----------------------------------------------------------------
-[ -d "$DATASET" ] && ls "$DATASET"/train-images-idx3-ubyte* >/dev/null 2>&1 || {
-  source scripts/env.sh
-  ensure_dataset
-}
-if [ "${E2E_BUILD:-1}" = 1 ]; then
-  source scripts/env.sh
-  ensure_venv
-  say "cargo build --release"
-  build_release || must "cargo build --release"
-fi
+prepare_e2e
 BIN=$ROOT/target/release/ringtrain
 [ -x "$BIN" ] || must "no $BIN"
 

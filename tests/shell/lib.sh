@@ -83,3 +83,19 @@ fetch() {
     python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())' "$1"
   fi
 }
+
+# The end-to-end tests' preparation, from the repository root: the dataset
+# in $DATASET if it is missing, and (unless E2E_BUILD=0) the venv and the
+# release binary the images are built from.
+prepare_e2e() {
+  [ -d "$DATASET" ] && ls "$DATASET"/train-images-idx3-ubyte* >/dev/null 2>&1 || {
+    source scripts/env.sh
+    ensure_dataset
+  }
+  if [ "${E2E_BUILD:-1}" = 1 ]; then
+    source scripts/env.sh
+    ensure_venv
+    say "cargo build --release"
+    build_release || must "cargo build --release"
+  fi
+}
