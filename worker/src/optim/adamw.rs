@@ -68,7 +68,29 @@ impl AdamW {
     /// including this one, for the bias corrections.
     pub fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f32, t: u64) {
         assert_eq!(params.len(), self.n, "parameter count");
-        assert_eq!(grads.len(), self.n, "gradient count");
+        self.step_range(params, grads, 0, lr, t);
+    }
+
+    pub(super) fn state_mut(&mut self) -> Vec<&mut Vec<f32>> {
+        self.exp_avg
+            .iter_mut()
+            .chain(self.exp_avg_sq.iter_mut())
+            .collect()
+    }
+
+    /// [`AdamW::step`] on parameters `offset..offset + params.len()` only;
+    /// stepping disjoint ranges that cover every parameter is the same as
+    /// one step (every operation is elementwise).
+    pub fn step_range(
+        &mut self,
+        params: &mut [f32],
+        grads: &[f32],
+        offset: usize,
+        lr: f32,
+        t: u64,
+    ) {
+        assert_eq!(grads.len(), params.len(), "gradient count");
+        assert!(offset + params.len() <= self.n, "parameter range");
         assert!(t >= 1, "AdamW's step count starts at 1");
         let [beta1, beta2] = self.betas;
         let lr = f64::from(lr);
@@ -91,8 +113,9 @@ impl AdamW {
             neg_step_size: (-(lr / bias_correction1)) as f32,
         };
         let n = self.n;
-        let m = self.exp_avg.get_or_insert_with(|| vec![0.0; n]);
-        let v = self.exp_avg_sq.get_or_insert_with(|| vec![0.0; n]);
+        let range = offset..offset + params.len();
+        let m = &mut self.exp_avg.get_or_insert_with(|| vec![0.0; n])[range.clone()];
+        let v = &mut self.exp_avg_sq.get_or_insert_with(|| vec![0.0; n])[range];
         // ATen's lerp interpolates from the nearer end (weight < 0.5: from m).
         if w1.abs() < 0.5 {
             adamw_loop::<true>(params, grads, m, v, k);

@@ -36,7 +36,25 @@ impl Sgd {
     /// or `d = buf`; `p -= lr*d`.
     pub fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f32) {
         assert_eq!(params.len(), self.n, "parameter count");
-        assert_eq!(grads.len(), self.n, "gradient count");
+        let fresh = self.momentum_buf.is_none();
+        self.step_range(params, grads, 0, lr, fresh);
+    }
+
+    /// [`Sgd::step`] on parameters `offset..offset + params.len()` only;
+    /// stepping disjoint ranges that cover every parameter is the same as
+    /// one step (every operation is elementwise). `fresh`: whether the
+    /// optimizer had no state before this step's first range (PyTorch
+    /// seeds the momentum with the first step's `d`).
+    pub fn step_range(
+        &mut self,
+        params: &mut [f32],
+        grads: &[f32],
+        offset: usize,
+        lr: f32,
+        fresh: bool,
+    ) {
+        assert_eq!(grads.len(), params.len(), "gradient count");
+        assert!(offset + params.len() <= self.n, "parameter range");
         let (wd, mu) = (self.weight_decay, self.momentum);
         // Separate branch-free loops over zipped slices, so each vectorises.
         if mu == 0.0 {
@@ -45,16 +63,20 @@ impl Sgd {
             }
             return;
         }
-        let first = self.momentum_buf.is_none();
         // Allocated once; the first step overwrites it with `d`.
         let n = self.n;
         let buf = self.momentum_buf.get_or_insert_with(|| vec![0.0; n]);
-        match (first, self.nesterov) {
+        let buf = &mut buf[offset..offset + params.len()];
+        match (fresh, self.nesterov) {
             (true, false) => momentum_step::<true, false>(params, grads, buf, lr, wd, mu),
             (true, true) => momentum_step::<true, true>(params, grads, buf, lr, wd, mu),
             (false, false) => momentum_step::<false, false>(params, grads, buf, lr, wd, mu),
             (false, true) => momentum_step::<false, true>(params, grads, buf, lr, wd, mu),
         }
+    }
+
+    pub(super) fn state_mut(&mut self) -> Vec<&mut Vec<f32>> {
+        self.momentum_buf.iter_mut().collect()
     }
 
     pub(super) fn state(&self) -> Vec<(&'static str, &[f32])> {
