@@ -7,7 +7,7 @@
 //! coordinator keeps the extremes per step), so it includes everything a
 //! step costs here (data, compute, all-reduce, optimizer, reporting).
 
-use anyhow::{anyhow, ensure};
+use anyhow::{anyhow, ensure, Context};
 use ringtrain_common::curve::MetricRow;
 use ringtrain_common::jobspec::JobSpec;
 use ringtrain_proto as pb;
@@ -51,6 +51,10 @@ pub struct TrainArgs {
     /// Extra spec overrides (KEY=VALUE), e.g. ring.encoding=bf16.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
+    /// Keep the cluster's logs (one file per process) in this directory
+    /// instead of a temporary one.
+    #[arg(long)]
+    run_dir: Option<std::path::PathBuf>,
 }
 
 pub async fn run(args: TrainArgs) -> anyhow::Result<()> {
@@ -62,11 +66,19 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<()> {
         args.model, args.batch, args.world, args.steps, args.threads, args.data, args.lr
     );
     let spec = JobSpec::parse(&text, &args.overrides)?;
-    let dir = tempfile::tempdir()?;
+    let temp = tempfile::tempdir()?;
+    let dir = match &args.run_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)
+                .with_context(|| format!("creating the run directory {}", d.display()))?;
+            d.as_path()
+        }
+        None => temp.path(),
+    };
     let cluster = if args.netlab {
-        start_netlab_cluster(dir.path(), args.world, args.insecure)?
+        start_netlab_cluster(dir, args.world, args.insecure)?
     } else {
-        start_cluster(dir.path(), args.world, args.insecure)?
+        start_cluster(dir, args.world, args.insecure)?
     };
     let mut c = client::connect_cluster(&cluster).await?;
     let job = client::submit_spec(&mut c, &spec, None).await?;
