@@ -174,8 +174,10 @@ pub fn all_reduce(
         ..
     } = links;
 
+    super::latency::prefer_prompt_wakeups();
     let (send_result, recv_result) = std::thread::scope(|s| {
         let sending = s.spawn(|| {
+            super::latency::prefer_prompt_wakeups();
             let r = send_loop(&plan, &segments, &progress, sender.as_mut());
             if r.is_err() && progress.fail() {
                 abort.abort();

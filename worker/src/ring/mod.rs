@@ -16,6 +16,7 @@ pub mod engine;
 pub mod error;
 pub mod grpc;
 pub mod inbox;
+pub mod latency;
 pub mod layout;
 pub mod secure;
 pub mod shm;
