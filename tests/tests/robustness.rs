@@ -168,7 +168,11 @@ fn a_trainer_panic_fails_the_job_and_the_worker_takes_new_work() {
         "127.0.0.1",
     );
 
-    let job = cluster.submit(&spec, &["max_steps=10"]);
+    // Steps not overlapped: each completes before the next begins, so the
+    // count at the panic is exact (an overlapped step 2 would still be
+    // pending as step 3 began, and count only once step 3's forward pass
+    // had applied it).
+    let job = cluster.submit(&spec, &["max_steps=10", "ring.overlap=false"]);
     let v = last_json(&cluster.cli(&["watch", &job, "--json"]));
     assert_eq!(v["state"], "failed", "{v}");
     let error = v["error"].as_str().expect("error");

@@ -67,10 +67,33 @@ impl Mlp {
     }
 }
 
+/// A built-in network whose forward pass can wait for each layer's
+/// parameters: `gate(layer)` is called before the layer's parameters (those
+/// named `layer.*`) are first used, and a false answer stops the pass.
+pub trait GatedModule: ModuleT + Send {
+    fn forward_gated(&self, x: &Tensor, gate: &mut dyn FnMut(&str) -> bool) -> Option<Tensor>;
+}
+
+/// `gate(layer)`, then `f()`; None if the gate said stop.
+fn after(gate: &mut dyn FnMut(&str) -> bool, layer: &str) -> Option<()> {
+    gate(layer).then_some(())
+}
+
 impl ModuleT for Mlp {
     fn forward_t(&self, x: &Tensor, _train: bool) -> Tensor {
         let h = self.l1.forward(&x.flatten(1, -1)).relu();
         self.l3.forward(&self.l2.forward(&h).relu())
+    }
+}
+
+impl GatedModule for Mlp {
+    fn forward_gated(&self, x: &Tensor, gate: &mut dyn FnMut(&str) -> bool) -> Option<Tensor> {
+        after(gate, "net.1")?;
+        let h = self.l1.forward(&x.flatten(1, -1)).relu();
+        after(gate, "net.3")?;
+        let h = self.l2.forward(&h).relu();
+        after(gate, "net.5")?;
+        Some(self.l3.forward(&h))
     }
 }
 
@@ -100,6 +123,23 @@ impl ModuleT for Cnn {
             .apply(&self.f1)
             .relu()
             .apply(&self.f2)
+    }
+}
+
+impl GatedModule for Cnn {
+    fn forward_gated(&self, x: &Tensor, gate: &mut dyn FnMut(&str) -> bool) -> Option<Tensor> {
+        after(gate, "c1")?;
+        let h = x.apply(&self.c1).relu().max_pool2d_default(2);
+        after(gate, "c2")?;
+        let h = h
+            .apply(&self.c2)
+            .relu()
+            .max_pool2d_default(2)
+            .flatten(1, -1);
+        after(gate, "f1")?;
+        let h = h.apply(&self.f1).relu();
+        after(gate, "f2")?;
+        Some(h.apply(&self.f2))
     }
 }
 

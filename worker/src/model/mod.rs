@@ -109,6 +109,8 @@ pub enum ModelError {
     Data(String),
     #[error("device {0}: {1}")]
     Device(String, String),
+    #[error("the forward pass was stopped while waiting for its parameters")]
+    Gated,
     #[error("the model has no trainable parameters (everything is frozen?)")]
     NothingToTrain,
 }
@@ -141,10 +143,23 @@ pub fn under(name: &str, prefix: &str) -> bool {
 
 enum Net {
     /// A tch network over the VarStore the model owns.
-    Builtin(Box<dyn ModuleT + Send>),
+    Builtin(Box<dyn builtin::GatedModule>),
     /// The built-in transformer (kept as itself: `generate` samples from it).
     Gpt(Box<Gpt>),
     Script(ScriptModule),
+}
+
+/// Lets a forward pass wait until parameters are final: the trainer
+/// finishes the last step's update of a layer just before the next forward
+/// pass reaches it (see `crate::trainer`).
+pub trait ForwardGate {
+    /// Before the forward pass first uses the trained parameters `params`
+    /// (indices into [`Model::layout`]). False: stop the pass (the gate
+    /// keeps the reason).
+    fn before_use(&mut self, params: &[usize]) -> bool;
+    /// After the forward pass, before backward: every parameter must be
+    /// final by the time this returns true.
+    fn before_backward(&mut self) -> bool;
 }
 
 /// What the data set tells the model it will see.
@@ -532,14 +547,56 @@ impl Model {
         y: &Tensor,
         global: u64,
     ) -> Result<f64, ModelError> {
+        self.accumulate_gated(x, y, global, None)
+    }
+
+    /// The trained parameters (indices into the layout) named `layer.*`.
+    fn layer_params(&self, layer: &str) -> Vec<usize> {
+        (0..self.layout.params().len())
+            .filter(|&i| under(&self.layout.params()[i].name, layer))
+            .collect()
+    }
+
+    fn accumulate_gated(
+        &mut self,
+        x: &Tensor,
+        y: &Tensor,
+        global: u64,
+        mut gate: Option<&mut dyn ForwardGate>,
+    ) -> Result<f64, ModelError> {
         let n = y.size().first().copied().unwrap_or(0);
         if n == 0 {
+            // Nothing to compute, but the parameters are still made final.
+            if let Some(g) = gate {
+                if !g.before_backward() {
+                    return Err(ModelError::Gated);
+                }
+            }
             return Ok(0.0);
         }
         self.set_training(true)?;
         let (x, y) = (x.to_device(self.device), y.to_device(self.device));
-        let out = self.output(&x, &y, true)?;
+        let out = match (&self.net, gate.as_deref_mut()) {
+            (_, None) => self.output(&x, &y, true)?,
+            // The built-ins wait layer by layer.
+            (Net::Builtin(net), Some(g)) => net
+                .forward_gated(&x, &mut |layer| g.before_use(&self.layer_params(layer)))
+                .ok_or(ModelError::Gated)?,
+            // Others wait for everything first.
+            (_, Some(g)) => {
+                let all: Vec<usize> = (0..self.layout.params().len()).collect();
+                if !g.before_use(&all) {
+                    return Err(ModelError::Gated);
+                }
+                self.output(&x, &y, true)?
+            }
+        };
         let (sum, count, _) = self.loss_sum(&out, &x, &y)?;
+        if let Some(g) = gate {
+            if !g.before_backward() {
+                return Err(ModelError::Gated);
+            }
+        }
         // Per-sample count (positions per sample for sequences).
         let per_sample = count / n as f64;
         (&sum / (global as f64 * per_sample)).backward();
@@ -565,11 +622,18 @@ impl Model {
         y: &Tensor,
         global: u64,
         sink: &mut dyn grad_hooks::GradSink,
+        gate: Option<&mut dyn ForwardGate>,
     ) -> Result<f64, ModelError> {
         // Shallow clones share the parameters' autograd state, so their
         // hooks are the parameters' hooks.
         let params: Vec<Tensor> = self.params.iter().map(Tensor::shallow_clone).collect();
-        grad_hooks::with_hooks(&params, sink, || self.accumulate_gradients(x, y, global))?
+        grad_hooks::with_hooks(&params, sink, || self.accumulate_gated(x, y, global, gate))?
+    }
+
+    /// Handles on the trained parameters (shallow clones: same storage),
+    /// for [`copy_range_into_params`] while the model itself is busy.
+    pub fn param_handles(&self) -> Vec<Tensor> {
+        self.params.iter().map(Tensor::shallow_clone).collect()
     }
 
     /// Sums over the split's rows, in evaluation mode, [`EVAL_BATCH`] rows at a time.
@@ -834,6 +898,52 @@ fn to_flat(layout: &ParamLayout, tensors: &[Tensor], out: &mut [f32]) {
     for (spec, t) in layout.params().iter().zip(tensors) {
         t.copy_data(&mut out[spec.range()], spec.len);
     }
+}
+
+/// Copies the flat range `range` of `flat` (trained parameters in layout
+/// order) into the parameters' tensors (`tensors` in layout order; handles
+/// from [`Model::param_handles`] will do); a range may cover parts of
+/// parameters.
+pub fn copy_range_into_params(
+    layout: &ParamLayout,
+    tensors: &mut [Tensor],
+    flat: &[f32],
+    range: std::ops::Range<usize>,
+) {
+    tch::no_grad(|| {
+        for (spec, t) in layout.params().iter().zip(tensors.iter_mut()) {
+            let r = spec.range();
+            let (start, end) = (r.start.max(range.start), r.end.min(range.end));
+            if start >= end {
+                continue;
+            }
+            let whole = |t: &mut Tensor| {
+                let part = &flat[r.clone()];
+                match borrowed_f32(part, &spec.shape) {
+                    Ok(src) if t.device() == Device::Cpu => t.copy_(&src),
+                    _ => t.copy_(
+                        &Tensor::from_slice(part)
+                            .view(spec.shape.as_slice())
+                            .to_device(t.device()),
+                    ),
+                }
+            };
+            if start == r.start && end == r.end {
+                whole(t);
+                continue;
+            }
+            let part = &flat[start..end];
+            let len = (end - start) as i64;
+            match (t.f_view([-1]), borrowed_f32(part, &[len])) {
+                (Ok(v), Ok(src)) if t.device() == Device::Cpu => {
+                    v.narrow(0, (start - r.start) as i64, len).copy_(&src)
+                }
+                // Not a plain CPU tensor: the whole parameter, as far as it
+                // is updated (the rest follows with its last piece).
+                _ => whole(t),
+            }
+        }
+    });
 }
 
 fn from_flat(layout: &ParamLayout, tensors: &mut [Tensor], flat: &[f32], device: Device) {

@@ -277,9 +277,9 @@ fn gradient_hooks_hand_over_each_parameters_gradient_as_backward_makes_it() {
         let (x, y) = random_batch(8, 4);
         let mut hooked = Hooked::default();
         m.zero_grads();
-        m.accumulate_gradients_into(&x.narrow(0, 0, 4), &y.narrow(0, 0, 4), 8, &mut hooked)
+        m.accumulate_gradients_into(&x.narrow(0, 0, 4), &y.narrow(0, 0, 4), 8, &mut hooked, None)
             .unwrap();
-        m.accumulate_gradients_into(&x.narrow(0, 4, 4), &y.narrow(0, 4, 4), 8, &mut hooked)
+        m.accumulate_gradients_into(&x.narrow(0, 4, 4), &y.narrow(0, 4, 4), 8, &mut hooked, None)
             .unwrap();
         let n = m.layout().params().len();
         assert_eq!(hooked.order.len(), 2 * n, "{kind}: {:?}", hooked.order);

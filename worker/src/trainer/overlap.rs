@@ -21,14 +21,9 @@ use tracing::Span;
 
 use crate::model::grad_hooks::GradSink;
 use crate::model::ParamLayout;
+use crate::ring::transport::LinkAbort;
 use crate::ring::{ReduceOp, Ring, RingError};
 
-/// A bucket's all-reduce call id: the step's id with the bucket index in the
-/// bits above any parameter version (and below the sync, buffer and eval ids).
-pub fn bucket_step_id(version: u64, bucket: usize) -> u64 {
-    debug_assert!(version < 1 << BUCKET_SHIFT);
-    version | ((bucket as u64) << BUCKET_SHIFT)
-}
 const BUCKET_SHIFT: u32 = 40;
 
 /// How the flat gradient is cut into buckets.
@@ -41,6 +36,12 @@ pub struct BucketPlan {
     bucket_of_param: Vec<usize>,
     /// For each bucket: how many parameters it holds.
     params_in_bucket: Vec<usize>,
+    /// The buckets cut into pieces of at most `piece` elements, bucket 0's
+    /// first, each bucket's from its start: the unit of a ring call, of a
+    /// buffer and of an update.
+    pieces: Vec<Range<usize>>,
+    /// For each bucket: its pieces (indices into `pieces`).
+    pieces_of_bucket: Vec<Range<usize>>,
 }
 
 impl BucketPlan {
@@ -49,6 +50,11 @@ impl BucketPlan {
     /// (so the first reduce starts early), `cap` after it. DDP's rule, with
     /// its default caps of 1 MiB and 25 MiB.
     pub fn new(layout: &ParamLayout, first_cap: usize, cap: usize) -> Self {
+        Self::with_pieces(layout, first_cap, cap, CHUNK_ELEMS)
+    }
+
+    /// [`BucketPlan::new`] with pieces of at most `piece` elements.
+    pub fn with_pieces(layout: &ParamLayout, first_cap: usize, cap: usize, piece: usize) -> Self {
         let n = layout.params().len();
         let mut bucket_of_param = vec![0; n];
         let mut ranges = Vec::new();
@@ -67,10 +73,28 @@ impl BucketPlan {
                 count = 0;
             }
         }
+        let piece = piece.max(1);
+        let mut pieces = Vec::new();
+        let mut pieces_of_bucket = Vec::new();
+        for r in &ranges {
+            let first = pieces.len();
+            let mut at = r.start;
+            loop {
+                let end = (at + piece).min(r.end);
+                pieces.push(at..end);
+                at = end;
+                if at >= r.end {
+                    break;
+                }
+            }
+            pieces_of_bucket.push(first..pieces.len());
+        }
         Self {
             ranges,
             bucket_of_param,
             params_in_bucket,
+            pieces,
+            pieces_of_bucket,
         }
     }
 
@@ -86,37 +110,110 @@ impl BucketPlan {
     pub fn ranges(&self) -> &[Range<usize>] {
         &self.ranges
     }
+
+    /// The parameters (indices into the layout) of bucket `b`: contiguous.
+    pub fn params_of(&self, b: usize) -> Range<usize> {
+        let first = self.bucket_of_param.iter().position(|&x| x == b);
+        match first {
+            Some(i) => i..i + self.params_in_bucket[b],
+            None => 0..0,
+        }
+    }
+
+    /// The bucket that parameter `index` belongs to.
+    pub fn bucket_of(&self, index: usize) -> Option<usize> {
+        self.bucket_of_param.get(index).copied()
+    }
+
+    /// Every piece's flat range (see [`BucketPlan::pieces_of`]).
+    pub fn pieces(&self) -> &[Range<usize>] {
+        &self.pieces
+    }
+
+    /// The pieces of bucket `b` (indices into [`BucketPlan::pieces`]).
+    pub fn pieces_of(&self, b: usize) -> Range<usize> {
+        self.pieces_of_bucket.get(b).cloned().unwrap_or(0..0)
+    }
+
+    /// A zeroed buffer per piece, of its length.
+    pub fn new_buffers(&self) -> Vec<Vec<f32>> {
+        self.pieces.iter().map(|r| vec![0.0; r.len()]).collect()
+    }
+}
+
+/// A call id of the step's `seq`-th ring call: the step's version with the
+/// sequence number in the bits above any version (and below the sync,
+/// buffer and eval ids). Every rank makes the same calls in the same order,
+/// so the same numbers.
+pub fn call_id(version: u64, seq: u64) -> u64 {
+    debug_assert!(version < 1 << BUCKET_SHIFT && seq < 1 << 20);
+    version | (seq << BUCKET_SHIFT)
+}
+
+/// Elements per ring call when a bucket is reduced in pieces: small enough
+/// that a bucket of earlier layers (which the next forward pass needs
+/// first) can cut in within a few milliseconds of wire time, large enough
+/// that each call's fixed costs stay small.
+pub const CHUNK_ELEMS: usize = 512 * 1024;
+
+/// Which bucket to reduce next: the highest-numbered one (earliest layers:
+/// the next forward pass needs them first) that every rank holds and that
+/// is not done yet.
+pub fn next_bucket(agreed: &[bool], done: &[bool]) -> Option<usize> {
+    (0..agreed.len()).rev().find(|&b| agreed[b] && !done[b])
 }
 
 /// What an overlapped step measured.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct CommFigures {
-    /// From the end of backward to the last bucket reduced: the all-reduce
-    /// time the step could not hide.
-    pub exposed: Duration,
     /// Time the communication thread spent waiting on its left neighbour.
     pub ring_wait: Duration,
+    /// Agreement rounds the step took (see [`reduce_buckets`]).
+    pub rounds: u64,
 }
 
-/// Writes gradients into the flat buffer and hands finished buckets over;
-/// the step's passes feed it through [`BucketFiller::pass`].
-pub struct BucketFiller<'g, 'p> {
+/// Writes gradients into the pieces' buffers and hands a bucket's pieces
+/// over once its last parameter is in; the step's passes feed it through
+/// [`BucketFiller::pass`].
+pub struct BucketFiller<'p> {
     plan: &'p BucketPlan,
     layout: &'p ParamLayout,
-    /// Each bucket's slice of the flat gradient until it is handed over.
-    slots: Vec<Option<&'g mut [f32]>>,
+    /// Each piece's buffer until it is handed over.
+    slots: Vec<Option<Vec<f32>>>,
     /// Parameters of each bucket still to come in the last micro-batch.
     missing: Vec<usize>,
     /// Whether a parameter's gradient has been written this step.
     written: Vec<bool>,
     /// Whether this pass is the step's last micro-batch.
     last_pass: bool,
-    ready: mpsc::Sender<(usize, &'g mut [f32])>,
+    ready: mpsc::Sender<(usize, Vec<f32>)>,
     /// A gradient for a bucket already sent, or of the wrong length.
     late: bool,
 }
 
-impl BucketFiller<'_, '_> {
+impl<'p> BucketFiller<'p> {
+    /// Fills `buffers` (one per piece, of the piece's length, from
+    /// [`BucketPlan::new_buffers`]) and sends each bucket's pieces to
+    /// `ready` once its last parameter is in.
+    pub fn new(
+        plan: &'p BucketPlan,
+        layout: &'p ParamLayout,
+        buffers: Vec<Vec<f32>>,
+        ready: mpsc::Sender<(usize, Vec<f32>)>,
+    ) -> Self {
+        assert_eq!(buffers.len(), plan.pieces.len(), "one buffer per piece");
+        Self {
+            plan,
+            layout,
+            slots: buffers.into_iter().map(Some).collect(),
+            missing: plan.params_in_bucket.clone(),
+            written: vec![false; layout.params().len()],
+            last_pass: false,
+            ready,
+            late: false,
+        }
+    }
+
     /// The sink for one backward pass; `last`: the step's last micro-batch
     /// (only then do buckets fill up and go).
     pub fn pass(&mut self, last: bool) -> &mut dyn GradSink {
@@ -124,25 +221,53 @@ impl BucketFiller<'_, '_> {
         self
     }
 
+    /// Whether a gradient came late or malformed (the step must fail).
+    pub fn late(&self) -> bool {
+        self.late
+    }
+
     fn send(&mut self, bucket: usize) {
-        if let Some(slice) = self.slots[bucket].take() {
-            // The communication thread is gone only after a ring error,
-            // which the step reports once backward ends.
-            let _ = self.ready.send((bucket, slice));
+        for p in self.plan.pieces_of(bucket) {
+            if let Some(buf) = self.slots[p].take() {
+                // The communication thread is gone only after a ring error,
+                // which the step reports once backward ends.
+                let _ = self.ready.send((p, buf));
+            }
         }
+    }
+
+    /// Calls `f(piece buffer, offset in it, offset in values, length)` for
+    /// every piece overlapping the flat range `r` of bucket `b`; false if a
+    /// piece was already handed over.
+    fn each_piece(
+        &mut self,
+        b: usize,
+        r: Range<usize>,
+        mut f: impl FnMut(&mut [f32], usize, usize, usize),
+    ) -> bool {
+        let mut whole = true;
+        for p in self.plan.pieces_of(b) {
+            let pr = self.plan.pieces[p].clone();
+            let (start, end) = (pr.start.max(r.start), pr.end.min(r.end));
+            if start >= end {
+                continue;
+            }
+            match self.slots[p].as_deref_mut() {
+                Some(buf) => f(buf, start - pr.start, start - r.start, end - start),
+                None => whole = false,
+            }
+        }
+        whole
     }
 
     /// After the last pass: every parameter without a gradient is zero,
     /// and every bucket not yet sent goes now.
-    fn flush(&mut self) {
-        for (i, spec) in self.layout.params().iter().enumerate() {
+    pub fn flush(&mut self) {
+        for i in 0..self.layout.params().len() {
             if !self.written[i] {
                 let b = self.plan.bucket_of_param[i];
-                let base = self.plan.ranges[b].start;
-                if let Some(slice) = self.slots[b].as_deref_mut() {
-                    let r = spec.range();
-                    slice[r.start - base..r.end - base].fill(0.0);
-                }
+                let r = self.layout.params()[i].range();
+                self.each_piece(b, r, |buf, at, _, len| buf[at..at + len].fill(0.0));
             }
         }
         for b in 0..self.plan.len() {
@@ -151,7 +276,7 @@ impl BucketFiller<'_, '_> {
     }
 }
 
-impl GradSink for BucketFiller<'_, '_> {
+impl GradSink for BucketFiller<'_> {
     fn gradient(&mut self, index: usize, grad: &[f32]) {
         let (Some(spec), Some(&b)) = (
             self.layout.params().get(index),
@@ -159,27 +284,29 @@ impl GradSink for BucketFiller<'_, '_> {
         ) else {
             return;
         };
-        let base = self.plan.ranges[b].start;
-        let Some(slice) = self.slots[b].as_deref_mut() else {
-            self.late = true;
-            return;
-        };
         let r = spec.range();
-        let dst = &mut slice[r.start - base..r.end - base];
-        if grad.len() != dst.len() {
+        if grad.len() != r.len() {
             // Not this parameter's shape: leave it to the flush's zeros and
             // say so through `late` (the step fails rather than train on it).
             self.late = true;
             return;
         }
-        if self.written[index] {
-            for (d, g) in dst.iter_mut().zip(grad) {
-                *d += g;
+        let add = self.written[index];
+        let whole = self.each_piece(b, r, |buf, at, from, len| {
+            let (dst, src) = (&mut buf[at..at + len], &grad[from..from + len]);
+            if add {
+                for (d, g) in dst.iter_mut().zip(src) {
+                    *d += g;
+                }
+            } else {
+                dst.copy_from_slice(src);
             }
-        } else {
-            dst.copy_from_slice(grad);
-            self.written[index] = true;
+        });
+        if !whole {
+            self.late = true;
+            return;
         }
+        self.written[index] = true;
         if self.last_pass {
             self.missing[b] = self.missing[b].saturating_sub(1);
             if self.missing[b] == 0 {
@@ -198,94 +325,269 @@ pub enum OverlapError {
     LateGradient,
     #[error("the communication thread panicked: {0}")]
     Panicked(String),
+    #[error("the step's backward pass ended before handing over every bucket")]
+    Incomplete,
 }
 
-/// Runs `backward` (the step's forward and backward passes, each fed to
-/// the [`BucketFiller`]) while the buckets of `grads` are all-reduced as
-/// they fill. On success `grads` holds the reduced gradient. Returns what
-/// `backward` returned and how the reduction went; when `backward` fails,
-/// the ring is aborted so that the reduction stops at once.
-pub fn reduce_during_backward<T, E>(
+/// The communication thread's loop: all-reduces the pieces that arrive on
+/// `ready` (sum, in place) and sends each back on `reduced` once done.
+///
+/// Ranks finish their buckets at different times, and the ring needs every
+/// rank to make the same calls in the same order. So the ranks agree on
+/// which buckets all of them hold with a tiny all-reduce of flags (a
+/// *round*), and decide what to reduce next from agreed facts only
+/// ([`next_bucket`]): the same decision everywhere. Buckets go piece by
+/// piece, with a round before each piece until every bucket is agreed, so a
+/// bucket of earlier layers that fills up late still cuts in ahead of the
+/// rest of a large one. Returns Ok(None) if `ready` closed before every
+/// bucket came (backward failed).
+pub fn reduce_buckets(
     ring: &mut Ring,
     plan: &BucketPlan,
-    layout: &ParamLayout,
-    grads: &mut [f32],
     version: u64,
-    span: &Span,
-    backward: impl FnOnce(&mut BucketFiller<'_, '_>) -> Result<T, E>,
-) -> (Result<T, E>, Result<CommFigures, OverlapError>) {
-    assert_eq!(grads.len(), layout.total(), "flat gradient length");
-    // Cut the flat gradient into its buckets' slices (bucket 0 is the last).
-    let mut slots: Vec<Option<&mut [f32]>> = (0..plan.len()).map(|_| None).collect();
-    let mut rest = &mut grads[..];
-    for (b, range) in plan.ranges.iter().enumerate().rev() {
-        let (head, tail) = std::mem::take(&mut rest).split_at_mut(range.end - range.start);
-        slots[b] = Some(head);
-        rest = tail;
-    }
-    let abort = ring.abort_handle();
-    let (ready_tx, ready_rx) = mpsc::channel::<(usize, &mut [f32])>();
-    let buckets = plan.len();
-    std::thread::scope(|s| {
-        let comm_span = tracing::info_span!(parent: span, "allreduce", buckets);
-        let comm = s.spawn(move || {
-            let _g = comm_span.enter();
-            crate::ring::engine::take_receive_wait();
-            let mut waiting: Vec<Option<&mut [f32]>> = (0..buckets).map(|_| None).collect();
-            let mut last_done = Instant::now();
-            for b in 0..buckets {
-                while waiting[b].is_none() {
-                    match ready_rx.recv() {
-                        Ok((i, slice)) => waiting[i] = Some(slice),
-                        // Backward failed and sent no more.
+    ready: &mpsc::Receiver<(usize, Vec<f32>)>,
+    reduced: &mpsc::Sender<(usize, Vec<f32>)>,
+) -> Result<Option<CommFigures>, RingError> {
+    let n = plan.len();
+    let world = ring.spec().world();
+    let mut held: Vec<Option<Vec<f32>>> = (0..plan.pieces.len()).map(|_| None).collect();
+    let mut agreed = vec![false; n];
+    let mut done = vec![false; n];
+    // Per bucket: its next piece to reduce.
+    let mut next_piece: Vec<usize> = (0..n).map(|b| plan.pieces_of(b).start).collect();
+    let mut seq = 0u64;
+    let mut rounds = 0u64;
+    let take = |held: &mut Vec<Option<Vec<f32>>>, (p, buf): (usize, Vec<f32>)| {
+        if let Some(slot) = held.get_mut(p) {
+            *slot = Some(buf);
+        }
+    };
+    // A bucket is held once all its pieces not yet reduced are here.
+    let holds = |held: &[Option<Vec<f32>>], b: usize, from: usize| {
+        (from..plan.pieces_of(b).end).all(|p| held[p].is_some())
+    };
+    while done.iter().any(|d| !d) {
+        while let Ok(item) = ready.try_recv() {
+            take(&mut held, item);
+        }
+        if agreed.iter().any(|a| !a) {
+            if next_bucket(&agreed, &done).is_none() {
+                // Nothing agreed to do: wait for this rank's own next bucket,
+                // unless it already holds one the others have not agreed on
+                // (then it is the others this rank waits for, in the round).
+                let offering = (0..n).any(|b| !agreed[b] && holds(&held, b, next_piece[b]));
+                if !offering {
+                    match ready.recv() {
+                        Ok(item) => take(&mut held, item),
                         Err(_) => return Ok(None),
                     }
+                    continue;
                 }
-                if let Some(slice) = waiting[b].take() {
-                    ring.all_reduce(bucket_step_id(version, b), slice, ReduceOp::Sum)?;
-                }
-                last_done = Instant::now();
             }
-            Ok::<_, RingError>(Some((last_done, crate::ring::engine::take_receive_wait())))
-        });
-        let mut filler = BucketFiller {
-            plan,
-            layout,
-            slots,
-            missing: plan.params_in_bucket.clone(),
-            written: vec![false; layout.params().len()],
-            last_pass: false,
-            ready: ready_tx,
-            late: false,
-        };
-        let result = backward(&mut filler);
-        if result.is_ok() {
-            filler.flush();
-        } else if let Some(abort) = &abort {
-            abort.abort();
+            let mut flags: Vec<f32> = (0..n)
+                .map(|b| f32::from(u8::from(done[b] || holds(&held, b, next_piece[b]))))
+                .collect();
+            ring.all_reduce_exact(call_id(version, seq), &mut flags, ReduceOp::Sum)?;
+            seq += 1;
+            rounds += 1;
+            for (a, f) in agreed.iter_mut().zip(&flags) {
+                *a = *a || *f as usize == world;
+            }
         }
-        let late = filler.late;
-        drop(filler);
-        let backward_done = Instant::now();
-        let comm = match comm.join() {
-            Ok(Ok(Some((last_done, ring_wait)))) if !late => Ok(CommFigures {
-                exposed: last_done.saturating_duration_since(backward_done),
-                ring_wait,
-            }),
-            Ok(Ok(_)) => Err(OverlapError::LateGradient),
-            Ok(Err(e)) => Err(OverlapError::Ring(e)),
-            Err(payload) => Err(OverlapError::Panicked(crate::panic_payload_message(
-                payload.as_ref(),
-            ))),
+        let Some(b) = next_bucket(&agreed, &done) else {
+            continue;
         };
-        (result, comm)
-    })
+        let p = next_piece[b];
+        let Some(mut buf) = held[p].take() else {
+            // Agreed means every rank holds it, this one included.
+            return Err(RingError::Setup(format!("bucket {b} agreed but not held")));
+        };
+        if !buf.is_empty() {
+            ring.all_reduce(call_id(version, seq), &mut buf, ReduceOp::Sum)?;
+            seq += 1;
+        }
+        let _ = reduced.send((p, buf));
+        next_piece[b] += 1;
+        if next_piece[b] >= plan.pieces_of(b).end {
+            done[b] = true;
+        }
+    }
+    Ok(Some(CommFigures {
+        ring_wait: Duration::ZERO,
+        rounds,
+    }))
+}
+
+/// How the communication thread ended: the ring, and how the reduction went.
+type CommEnd = (Ring, Result<Option<CommFigures>, RingError>);
+
+/// The reduced pieces (one buffer each) and what the reduction measured.
+pub type Reduced = (Vec<Vec<f32>>, CommFigures);
+
+/// A step's buckets being reduced on their own thread, which owns the ring
+/// meanwhile. Wait for single buckets ([`InFlight::wait`]) as they are
+/// needed, then [`InFlight::finish`] to get the ring and the buffers back.
+pub struct InFlight {
+    handle: Option<std::thread::JoinHandle<CommEnd>>,
+    reduced: mpsc::Receiver<(usize, Vec<f32>)>,
+    got: Vec<Option<Vec<f32>>>,
+    abort: Option<std::sync::Arc<dyn LinkAbort>>,
+    /// Set once the thread has ended: the ring and how it went.
+    ended: Option<(Option<Ring>, Result<CommFigures, OverlapError>)>,
+    /// Time spent blocked in [`InFlight::wait`] and [`InFlight::finish`].
+    pub waited: Duration,
+}
+
+impl InFlight {
+    /// Starts the thread for the step of `version`, reducing the buckets
+    /// that the step's [`BucketFiller`] sends to `ready_rx`.
+    pub fn start(
+        mut ring: Ring,
+        plan: std::sync::Arc<BucketPlan>,
+        version: u64,
+        span: &Span,
+        ready_rx: mpsc::Receiver<(usize, Vec<f32>)>,
+    ) -> Self {
+        let (reduced_tx, reduced_rx) = mpsc::channel();
+        let abort = ring.abort_handle();
+        let n = plan.pieces().len();
+        let comm_span = tracing::info_span!(parent: span, "allreduce", buckets = plan.len());
+        let handle = std::thread::Builder::new()
+            .name("ringtrain-comm".into())
+            .spawn(move || {
+                let _g = comm_span.enter();
+                crate::ring::latency::prefer_prompt_wakeups();
+                crate::ring::engine::take_receive_wait();
+                let r = reduce_buckets(&mut ring, &plan, version, &ready_rx, &reduced_tx);
+                let wait = crate::ring::engine::take_receive_wait();
+                let r = r.map(|f| {
+                    f.map(|mut f| {
+                        f.ring_wait = wait;
+                        f
+                    })
+                });
+                (ring, r)
+            });
+        let mut me = Self {
+            handle: None,
+            reduced: reduced_rx,
+            got: (0..n).map(|_| None).collect(),
+            abort,
+            ended: None,
+            waited: Duration::ZERO,
+        };
+        match handle {
+            Ok(h) => me.handle = Some(h),
+            Err(e) => {
+                me.ended = Some((
+                    None,
+                    Err(OverlapError::Panicked(format!(
+                        "could not start the communication thread: {e}"
+                    ))),
+                ))
+            }
+        }
+        me
+    }
+
+    fn join(&mut self) {
+        if self.ended.is_some() {
+            return;
+        }
+        let Some(h) = self.handle.take() else {
+            return;
+        };
+        self.ended = Some(match h.join() {
+            Ok((ring, Ok(Some(f)))) => (Some(ring), Ok(f)),
+            Ok((ring, Ok(None))) => (Some(ring), Err(OverlapError::Incomplete)),
+            Ok((ring, Err(e))) => (Some(ring), Err(OverlapError::Ring(e))),
+            Err(payload) => (
+                None,
+                Err(OverlapError::Panicked(crate::panic_payload_message(
+                    payload.as_ref(),
+                ))),
+            ),
+        });
+    }
+
+    /// Takes in the pieces reduced so far, without blocking.
+    pub fn poll(&mut self) {
+        while let Ok((i, buf)) = self.reduced.try_recv() {
+            if let Some(slot) = self.got.get_mut(i) {
+                *slot = Some(buf);
+            }
+        }
+    }
+
+    /// Blocks until one more piece is reduced; false if the reduction
+    /// ended without it ([`InFlight::finish`] says why).
+    pub fn wait_next(&mut self) -> bool {
+        let t = Instant::now();
+        let got = match self.reduced.recv() {
+            Ok((i, buf)) => {
+                if let Some(slot) = self.got.get_mut(i) {
+                    *slot = Some(buf);
+                }
+                true
+            }
+            Err(_) => false,
+        };
+        self.waited += t.elapsed();
+        got
+    }
+
+    /// Piece `p`, reduced (this rank's sum), once it is here.
+    pub fn piece(&self, p: usize) -> Option<&[f32]> {
+        self.got.get(p).and_then(|g| g.as_deref())
+    }
+
+    /// Breaks the ring so that the thread stops at once (a failed step).
+    pub fn abort(&self) {
+        if let Some(a) = &self.abort {
+            a.abort();
+        }
+    }
+
+    /// Waits for every bucket; returns the ring (unless the thread
+    /// panicked with it) and, on success, the reduced buffers.
+    pub fn finish(mut self) -> (Option<Ring>, Result<Reduced, OverlapError>) {
+        while self.got.iter().any(Option::is_none) {
+            if !self.wait_next() {
+                break;
+            }
+        }
+        let t = Instant::now();
+        self.join();
+        self.waited += t.elapsed();
+        let (ring, figures) = self
+            .ended
+            .take()
+            .unwrap_or((None, Err(OverlapError::Incomplete)));
+        let result = match figures {
+            Err(e) => Err(e),
+            Ok(f) => {
+                let bufs: Option<Vec<Vec<f32>>> = self.got.iter_mut().map(Option::take).collect();
+                bufs.map(|b| (b, f)).ok_or(OverlapError::Incomplete)
+            }
+        };
+        (ring, result)
+    }
+
+    /// Aborts the reduction and returns the ring (unless the thread
+    /// panicked). The step's [`BucketFiller`] must be gone first: a thread
+    /// waiting for its next bucket only stops when the filler's sender does.
+    pub fn cancel(mut self) -> Option<Ring> {
+        self.abort();
+        self.join();
+        self.ended.take().and_then(|(ring, _)| ring)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ring::TransportKind;
+    use std::sync::Arc;
 
     fn layout(lens: &[usize]) -> ParamLayout {
         ParamLayout::new(
@@ -305,6 +607,10 @@ mod tests {
         assert_eq!(plan.ranges(), &want[..]);
         assert_eq!(plan.params_in_bucket, vec![2, 3, 1]);
         assert_eq!(plan.bucket_of_param, vec![2, 1, 1, 1, 0, 0]);
+        assert_eq!(
+            (plan.params_of(0), plan.params_of(1), plan.params_of(2)),
+            (4..6, 1..4, 0..1)
+        );
         // One bucket when the cap exceeds everything; one per parameter with
         // a cap of one element.
         let whole = BucketPlan::new(&l, 1000, 1000);
@@ -313,28 +619,45 @@ mod tests {
     }
 
     #[test]
-    fn bucket_ids_stay_apart_from_each_other_and_from_other_calls() {
-        assert_eq!(bucket_step_id(17, 0), 17);
-        assert_ne!(bucket_step_id(17, 1), bucket_step_id(18, 0));
-        assert!(bucket_step_id((1 << 40) - 1, 4095) < 1 << 61);
+    fn call_ids_stay_apart_from_each_other_and_from_other_calls() {
+        assert_eq!(call_id(17, 0), 17);
+        assert_ne!(call_id(17, 1), call_id(18, 0));
+        assert!(call_id((1 << 40) - 1, (1 << 20) - 1) < 1 << 61);
     }
 
-    /// Every rank feeds its parameters in its own order over two passes,
-    /// and leaves one parameter without a gradient in the last: the result
-    /// is the exact sum of what each rank accumulated, on every rank.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn buckets_reduced_during_backward_give_the_whole_sum_on_every_rank() {
-        const LENS: [usize; 6] = [3, 1000, 17, 250, 1, 64];
-        let lens = LENS;
-        let l = layout(&lens);
-        let plan = BucketPlan::new(&l, 20, 300);
-        assert!(plan.len() >= 3);
+    #[test]
+    fn the_earliest_layers_agreed_bucket_goes_first() {
+        // Bucket 2 holds the first layers: the next forward needs it first.
+        assert_eq!(next_bucket(&[true, true, true], &[false; 3]), Some(2));
+        assert_eq!(
+            next_bucket(&[true, false, true], &[false, false, true]),
+            Some(0)
+        );
+        assert_eq!(
+            next_bucket(&[true, false, false], &[true, false, false]),
+            None
+        );
+    }
+
+    /// Runs one step's reduction on every rank of a 3-rank ring: each rank
+    /// feeds its parameters in its own order over two passes (one parameter
+    /// gets no gradient in the last), with pauses, so ranks hold different
+    /// buckets at different times. Returns each rank's reduced flat gradient
+    /// and the expected sum.
+    async fn reduce_on_three_ranks(
+        lens: &'static [usize],
+        first_cap: usize,
+        cap: usize,
+        pause_rank: usize,
+    ) -> (Vec<Vec<f32>>, Vec<f32>) {
+        let l = layout(lens);
+        let plan = Arc::new(BucketPlan::new(&l, first_cap, cap));
         let world = 3;
         let opts = crate::ring::tests::options(TransportKind::Tcp, 97);
         let rings = crate::ring::tests::ring_of(world, &opts).await;
         // Integer values: every summation order is exact.
-        let grad = |rank: usize, param: usize, pass: usize| -> Vec<f32> {
-            (0..LENS[param])
+        let grad = move |rank: usize, param: usize, pass: usize| -> Vec<f32> {
+            (0..lens[param])
                 .map(|i| ((i * 3 + rank * 5 + param * 11 + pass) % 17) as f32 - 8.0)
                 .collect()
         };
@@ -352,61 +675,84 @@ mod tests {
                 }
             }
         }
-        let outs = crate::ring::tests::on_every_rank(rings, move |rank, mut ring| {
-            let mut grads = vec![f32::NAN; l.total()];
-            let (r, comm) = reduce_during_backward(
-                &mut ring,
-                &plan,
-                &l,
-                &mut grads,
-                5,
-                &Span::none(),
-                |filler| {
-                    for pass in 0..2 {
-                        let sink = filler.pass(pass == 1);
-                        // Each rank its own order.
-                        let mut order: Vec<usize> = (0..lens.len()).rev().collect();
-                        order.rotate_left(rank);
-                        for p in order {
-                            if !(pass == 1 && p == skipped) {
-                                sink.gradient(p, &grad(rank, p, pass));
-                            }
-                        }
+        let outs = crate::ring::tests::on_every_rank(rings, move |rank, ring| {
+            let (ready_tx, ready_rx) = mpsc::channel();
+            let inflight = InFlight::start(ring, plan.clone(), 5, &Span::none(), ready_rx);
+            let mut filler = BucketFiller::new(&plan, &l, plan.new_buffers(), ready_tx);
+            for pass in 0..2 {
+                let sink = filler.pass(pass == 1);
+                // Each rank its own order; one rank dawdles over each.
+                let mut order: Vec<usize> = (0..lens.len()).rev().collect();
+                order.rotate_left(rank);
+                for p in order {
+                    if rank == pause_rank {
+                        std::thread::sleep(Duration::from_millis(3));
                     }
-                    Ok::<_, ()>(())
-                },
-            );
-            r.expect("backward");
-            comm.expect("reduce");
-            grads
+                    if !(pass == 1 && p == skipped) {
+                        sink.gradient(p, &grad(rank, p, pass));
+                    }
+                }
+            }
+            filler.flush();
+            assert!(!filler.late());
+            drop(filler);
+            let (ring, result) = inflight.finish();
+            assert!(ring.is_some());
+            let (buffers, _) = result.expect("reduce");
+            let mut flat = vec![f32::NAN; l.total()];
+            for (range, buf) in plan.pieces().iter().zip(&buffers) {
+                flat[range.clone()].copy_from_slice(buf);
+            }
+            flat
         })
         .await;
-        for (rank, out) in outs.iter().enumerate() {
-            assert_eq!(out, &expected, "rank {rank}");
+        (outs, expected)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn buckets_reduced_during_backward_give_the_whole_sum_on_every_rank() {
+        const LENS: [usize; 6] = [3, 1000, 17, 250, 1, 64];
+        for pause_rank in [0, 2] {
+            let (outs, expected) = reduce_on_three_ranks(&LENS, 20, 300, pause_rank).await;
+            for (rank, out) in outs.iter().enumerate() {
+                assert_eq!(out, &expected, "rank {rank}");
+            }
         }
     }
 
-    /// A failed backward ends the step with its own error at once: the
-    /// ring is aborted, not left waiting for buckets that never come.
+    /// A bucket larger than a chunk goes in pieces, and buckets of one
+    /// element (fewer than ranks) agree and reduce too.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_failed_backward_returns_its_error_without_waiting_for_the_ring() {
+    async fn large_buckets_go_in_pieces_and_tiny_ones_still_reduce() {
+        static LENS: [usize; 4] = [1, CHUNK_ELEMS * 2 + 5, 1, 2];
+        let (outs, expected) = reduce_on_three_ranks(&LENS, 1, 1, 1).await;
+        for (rank, out) in outs.iter().enumerate() {
+            assert!(out == &expected, "rank {rank}");
+        }
+    }
+
+    /// A failed backward ends the step at once: cancelling aborts the
+    /// ring rather than wait for buckets that never come, and hands the
+    /// ring back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_reduction_returns_at_once_with_the_ring() {
         let l = layout(&[10, 10]);
-        let plan = BucketPlan::new(&l, 1, 1);
+        let plan = Arc::new(BucketPlan::new(&l, 1, 1));
         let opts = crate::ring::tests::options(TransportKind::Tcp, 97);
         let mut rings = crate::ring::tests::ring_of(2, &opts).await;
-        let mut ring = rings.remove(0);
+        let ring = rings.remove(0);
         let started = Instant::now();
-        let (r, _comm) = tokio::task::spawn_blocking(move || {
-            let mut grads = vec![0f32; 20];
-            reduce_during_backward(&mut ring, &plan, &l, &mut grads, 1, &Span::none(), |f| {
-                // Bucket 0 goes (its reduce blocks: the neighbour never joins).
-                f.pass(true).gradient(1, &[1.0; 10]);
-                Err::<(), _>("forward failed")
-            })
+        let ring = tokio::task::spawn_blocking(move || {
+            let (ready_tx, ready_rx) = mpsc::channel();
+            let inflight = InFlight::start(ring, plan.clone(), 1, &Span::none(), ready_rx);
+            let mut filler = BucketFiller::new(&plan, &l, plan.new_buffers(), ready_tx);
+            // Bucket 0 goes (its round blocks: the neighbour never joins).
+            filler.pass(true).gradient(1, &[1.0; 10]);
+            inflight.cancel()
         })
         .await
         .expect("join");
-        assert_eq!(r, Err("forward failed"));
+        assert!(ring.is_some());
         assert!(
             started.elapsed() < Duration::from_secs(5),
             "{:?}",

@@ -23,7 +23,7 @@ use std::ops::Range;
 
 use tch::{Kind, Tensor};
 
-use super::overlap::bucket_step_id;
+use super::overlap::call_id;
 use crate::model::ParamLayout;
 use crate::ring::{ReduceOp, Ring, RingError};
 
@@ -144,7 +144,7 @@ impl PowerSgd {
             p.copy_data(dst, m.rows * r);
             ms.push(mt);
         }
-        ring.all_reduce_exact(bucket_step_id(version, 0), &mut self.first, ReduceOp::Sum)?;
+        ring.all_reduce_exact(call_id(version, 0), &mut self.first, ReduceOp::Sum)?;
         let mut at = 0;
         for range in &self.exact {
             grads[range.clone()].copy_from_slice(&self.first[at..at + range.len()]);
@@ -158,7 +158,7 @@ impl PowerSgd {
             let q = mt.tr().matmul(&pt).to_kind(Kind::Float).contiguous();
             q.copy_data(&mut self.second[m.q_at..m.q_at + m.cols * r], m.cols * r);
         }
-        ring.all_reduce_exact(bucket_step_id(version, 1), &mut self.second, ReduceOp::Sum)?;
+        ring.all_reduce_exact(call_id(version, 1), &mut self.second, ReduceOp::Sum)?;
         self.q.copy_from_slice(&self.second);
         // 5: the reduced gradient P Qᵀ, and what it leaves of this rank's M.
         // Row by row with Qᵀ's rows contiguous, so the inner loops vectorise;
