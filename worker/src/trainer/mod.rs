@@ -821,6 +821,7 @@ impl Trainer<'_> {
                             fresh,
                             inflight,
                             plan.pieces().len(),
+                            span.clone(),
                         ));
                         continue;
                     }

@@ -64,6 +64,10 @@ pub(super) struct Pending {
     pub applied: Vec<bool>,
     /// What the applied buckets overwrote, until the step is complete.
     backups: Vec<Backup>,
+    /// The step's span (open until the step completes), and its optimizer
+    /// phase's, from the first piece applied to the last.
+    span: Span,
+    optimizer_span: Option<Span>,
 }
 
 struct Backup {
@@ -79,6 +83,7 @@ impl Pending {
         fresh: bool,
         inflight: InFlight,
         pieces: usize,
+        span: Span,
     ) -> Self {
         Self {
             record,
@@ -87,6 +92,8 @@ impl Pending {
             inflight,
             applied: vec![false; pieces],
             backups: Vec::new(),
+            span,
+            optimizer_span: None,
         }
     }
 }
@@ -144,6 +151,11 @@ impl Applier<'_> {
             return Err(Failure::Overlap(OverlapError::Incomplete));
         };
         let t = Instant::now();
+        let phase = pending
+            .optimizer_span
+            .get_or_insert_with(|| tracing::info_span!(parent: &pending.span, "optimizer"))
+            .clone();
+        let _g = phase.enter();
         if !optim::all_finite(grad) {
             return Err(Failure::NonFinite(pending.record.version));
         }
@@ -432,6 +444,7 @@ mod tests {
                     false,
                     inflight,
                     plan.pieces().len(),
+                    Span::none(),
                 )),
                 ring: None,
                 plan: &plan,
