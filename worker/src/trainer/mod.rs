@@ -682,14 +682,9 @@ impl Trainer<'_> {
                     .is_some()
                     .then(|| positions.clone().map(|p| perm[p as usize]).collect()),
                 samples: indices.len(),
-                loss: 0.0,
-                data_s: 0.0,
-                forward_backward_s: 0.0,
-                allreduce_s: 0.0,
-                ring_wait_s: 0.0,
-                optimizer_s: 0.0,
                 started_unix_s,
                 lr: schedule.lr(before),
+                ..pipeline::StepRecord::default()
             };
 
             let micros = micro_batches(&indices, spec.accumulate);

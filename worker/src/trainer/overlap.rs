@@ -329,6 +329,14 @@ pub enum OverlapError {
     Incomplete,
 }
 
+/// The most agreement rounds one step can take with honest members: one
+/// before each piece until every bucket is agreed, one per bucket that gets
+/// agreed, and one per bucket each rank comes to hold (a round that agrees
+/// nothing needs some rank with something new to offer).
+pub fn max_rounds(plan: &BucketPlan, world: usize) -> u64 {
+    (plan.pieces.len() + plan.len() * (world + 1) + 1) as u64
+}
+
 /// The communication thread's loop: all-reduces the pieces that arrive on
 /// `ready` (sum, in place) and sends each back on `reduced` once done.
 ///
@@ -357,6 +365,9 @@ pub fn reduce_buckets(
     let mut next_piece: Vec<usize> = (0..n).map(|b| plan.pieces_of(b).start).collect();
     let mut seq = 0u64;
     let mut rounds = 0u64;
+    // What this rank held at its last round.
+    let mut offered = vec![false; n];
+    let max_rounds = max_rounds(plan, world);
     let take = |held: &mut Vec<Option<Vec<f32>>>, (p, buf): (usize, Vec<f32>)| {
         if let Some(slot) = held.get_mut(p) {
             *slot = Some(buf);
@@ -371,12 +382,19 @@ pub fn reduce_buckets(
             take(&mut held, item);
         }
         if agreed.iter().any(|a| !a) {
+            let holding: Vec<bool> = (0..n)
+                .map(|b| done[b] || holds(&held, b, next_piece[b]))
+                .collect();
             if next_bucket(&agreed, &done).is_none() {
-                // Nothing agreed to do: wait for this rank's own next bucket,
-                // unless it already holds one the others have not agreed on
-                // (then it is the others this rank waits for, in the round).
-                let offering = (0..n).any(|b| !agreed[b] && holds(&held, b, next_piece[b]));
-                if !offering {
+                // Nothing agreed to do. Join a round only with something new
+                // to offer, or holding every bucket still open (then only the
+                // others can bring progress); otherwise wait for this rank's
+                // own next bucket. So ranks holding different buckets do not
+                // spin through rounds that cannot agree, and every round
+                // still ends: a rank waiting here grows until one holds.
+                let new = (0..n).any(|b| !agreed[b] && holding[b] && !offered[b]);
+                let all = (0..n).all(|b| agreed[b] || holding[b]);
+                if !(new || all) {
                     match ready.recv() {
                         Ok(item) => take(&mut held, item),
                         Err(_) => return Ok(None),
@@ -384,9 +402,15 @@ pub fn reduce_buckets(
                     continue;
                 }
             }
-            let mut flags: Vec<f32> = (0..n)
-                .map(|b| f32::from(u8::from(done[b] || holds(&held, b, next_piece[b]))))
-                .collect();
+            // Honest rounds are bounded (see `max_rounds`): a peer that keeps
+            // them going is refused rather than followed forever.
+            if rounds >= max_rounds {
+                return Err(RingError::Setup(format!(
+                    "bucket agreement did not settle in {max_rounds} rounds (a member keeps withholding its buckets)"
+                )));
+            }
+            let mut flags: Vec<f32> = holding.iter().map(|&h| f32::from(u8::from(h))).collect();
+            offered.clone_from(&holding);
             ring.all_reduce_exact(call_id(version, seq), &mut flags, ReduceOp::Sum)?;
             seq += 1;
             rounds += 1;
@@ -425,8 +449,9 @@ type CommEnd = (Ring, Result<Option<CommFigures>, RingError>);
 pub type Reduced = (Vec<Vec<f32>>, CommFigures);
 
 /// A step's buckets being reduced on their own thread, which owns the ring
-/// meanwhile. Wait for single buckets ([`InFlight::wait`]) as they are
-/// needed, then [`InFlight::finish`] to get the ring and the buffers back.
+/// meanwhile. Take pieces as they are reduced ([`InFlight::poll`],
+/// [`InFlight::wait_next`], [`InFlight::piece`]), then [`InFlight::finish`]
+/// to get the ring and the buffers back.
 pub struct InFlight {
     handle: Option<std::thread::JoinHandle<CommEnd>>,
     reduced: mpsc::Receiver<(usize, Vec<f32>)>,
@@ -434,7 +459,7 @@ pub struct InFlight {
     abort: Option<std::sync::Arc<dyn LinkAbort>>,
     /// Set once the thread has ended: the ring and how it went.
     ended: Option<(Option<Ring>, Result<CommFigures, OverlapError>)>,
-    /// Time spent blocked in [`InFlight::wait`] and [`InFlight::finish`].
+    /// Time spent blocked in [`InFlight::wait_next`] and [`InFlight::finish`].
     pub waited: Duration,
 }
 
@@ -698,7 +723,12 @@ mod tests {
             drop(filler);
             let (ring, result) = inflight.finish();
             assert!(ring.is_some());
-            let (buffers, _) = result.expect("reduce");
+            let (buffers, figures) = result.expect("reduce");
+            assert!(
+                figures.rounds <= max_rounds(&plan, 3),
+                "rank {rank}: {} rounds",
+                figures.rounds
+            );
             let mut flat = vec![f32::NAN; l.total()];
             for (range, buf) in plan.pieces().iter().zip(&buffers) {
                 flat[range.clone()].copy_from_slice(buf);
@@ -729,6 +759,41 @@ mod tests {
         for (rank, out) in outs.iter().enumerate() {
             assert!(out == &expected, "rank {rank}");
         }
+    }
+
+    /// A member that keeps joining rounds without ever holding its buckets
+    /// (lying, not silent) is refused once the rounds pass what honest
+    /// members could need, with an error saying so.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_member_that_never_agrees_is_refused_after_the_honest_bound() {
+        let l = layout(&[10, 10]);
+        let plan = Arc::new(BucketPlan::new(&l, 1, 1));
+        let bound = max_rounds(&plan, 2);
+        let opts = crate::ring::tests::options(TransportKind::Tcp, 97);
+        let rings = crate::ring::tests::ring_of(2, &opts).await;
+        let outs = crate::ring::tests::on_every_rank(rings, move |rank, mut ring| {
+            if rank == 1 {
+                // Answers every round with "holding nothing".
+                let mut seq = 0;
+                while ring
+                    .all_reduce_exact(call_id(5, seq), &mut [0.0, 0.0], ReduceOp::Sum)
+                    .is_ok()
+                {
+                    seq += 1;
+                }
+                return (seq, String::new());
+            }
+            let (ready_tx, ready_rx) = mpsc::channel();
+            let (reduced_tx, _reduced_rx) = mpsc::channel();
+            let mut filler = BucketFiller::new(&plan, &l, plan.new_buffers(), ready_tx);
+            filler.flush();
+            drop(filler);
+            let r = reduce_buckets(&mut ring, &plan, 5, &ready_rx, &reduced_tx);
+            (0, r.err().map(|e| e.to_string()).unwrap_or_default())
+        })
+        .await;
+        assert!(outs[0].1.contains("did not settle"), "{}", outs[0].1);
+        assert_eq!(outs[1].0, bound, "rounds answered before the refusal");
     }
 
     /// A failed backward ends the step at once: cancelling aborts the

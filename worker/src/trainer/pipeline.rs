@@ -34,7 +34,7 @@ use crate::optim::{self, Optimizer};
 use crate::ring::Ring;
 
 /// What a step reports once it is complete.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub(super) struct StepRecord {
     /// The version the step makes.
     pub version: u64,
@@ -339,17 +339,8 @@ mod tests {
     fn record(version: u64) -> StepRecord {
         StepRecord {
             version,
-            epoch_of_step: 0,
-            audit_ids: None,
-            samples: 0,
-            loss: 0.0,
-            data_s: 0.0,
-            forward_backward_s: 0.0,
-            allreduce_s: 0.0,
-            ring_wait_s: 0.0,
-            optimizer_s: 0.0,
-            started_unix_s: 0.0,
             lr: 0.1,
+            ..StepRecord::default()
         }
     }
 
