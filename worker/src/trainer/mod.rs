@@ -970,9 +970,13 @@ impl Trainer<'_> {
             "step done"
         );
         if let (Some(f), Some(ids)) = (audit.as_mut(), &r.audit_ids) {
-            let line =
-                serde_json::json!({"version": r.version, "epoch": r.epoch_of_step, "ids": ids});
-            writeln!(f, "{line}")?;
+            let mut line =
+                serde_json::json!({"version": r.version, "epoch": r.epoch_of_step, "ids": ids})
+                    .to_string();
+            line.push('\n');
+            // One write: a worker killed mid-step leaves whole lines only
+            // (`writeln!` writes a line in many pieces).
+            f.write_all(line.as_bytes())?;
         }
         recorder.step(&metrics::StepFigures {
             samples: r.samples,
