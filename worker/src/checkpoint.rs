@@ -93,6 +93,21 @@ pub fn param_hash(params: &[f32]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(bytemuck::cast_slice(params))
 }
 
+/// [`param_hash`] fed in consecutive pieces (while each is still in cache):
+/// the same hash as of the pieces joined.
+#[derive(Default)]
+pub struct ParamHasher(xxhash_rust::xxh3::Xxh3);
+
+impl ParamHasher {
+    pub fn update(&mut self, params: &[f32]) {
+        self.0.update(bytemuck::cast_slice(params));
+    }
+
+    pub fn finish(&self) -> u64 {
+        self.0.digest()
+    }
+}
+
 /// Serializes named tensors (any dtype safetensors has) to safetensors bytes.
 fn serialize(path: &Path, tensors: &[(String, Tensor)]) -> Result<Vec<u8>, CheckpointError> {
     let mut bytes = Vec::with_capacity(tensors.len());
@@ -645,6 +660,18 @@ mod tests {
             bytes.extend(v.to_le_bytes());
         }
         assert_eq!(param_hash(&a), xxhash_rust::xxh3::xxh3_64(&bytes));
+    }
+
+    #[test]
+    fn param_hash_in_pieces_is_the_whole_hash() {
+        let a = values(300_000, 0.5);
+        for piece in [1, 7, 4096, 65_536, 300_000] {
+            let mut h = ParamHasher::default();
+            for part in a.chunks(piece) {
+                h.update(part);
+            }
+            assert_eq!(h.finish(), param_hash(&a), "pieces of {piece}");
+        }
     }
 
     mod props {

@@ -423,6 +423,42 @@ fn forward_backward(
     Ok(loss_sum / samples.max(1) as f64)
 }
 
+/// Parameters one pass of [`step_copy_hash`] takes at a time (256 KiB of
+/// f32): small enough that the copy and the hash read them from cache.
+const FUSED_ELEMS: usize = 1 << 16;
+
+/// One descent step over the flat parameters, the model's tensors made to
+/// match, and the parameters' hash ([`checkpoint::param_hash`]). On the CPU
+/// in cache-sized ranges, each updated, copied and hashed in turn, instead
+/// of three passes over the whole model in memory.
+fn step_copy_hash(st: &mut TrainingState, grads: &[f32], lr: f32, step: u64) -> u64 {
+    if st.model.device() != tch::Device::Cpu {
+        // A partial copy to a device is a whole parameter's.
+        st.optimizer.step(&mut st.params, grads, lr, step);
+        st.model.flat_to_params(&st.params);
+        return checkpoint::param_hash(&st.params);
+    }
+    let fresh = st.optimizer.is_fresh();
+    let mut handles = st.model.param_handles();
+    let layout = st.model.layout();
+    let mut hasher = checkpoint::ParamHasher::default();
+    let n = st.params.len();
+    for start in (0..n).step_by(FUSED_ELEMS) {
+        let range = start..(start + FUSED_ELEMS).min(n);
+        st.optimizer.step_range(
+            &mut st.params[range.clone()],
+            &grads[range.clone()],
+            start,
+            lr,
+            step,
+            fresh,
+        );
+        crate::model::copy_range_into_params(layout, &mut handles, &st.params, range.clone());
+        hasher.update(&st.params[range]);
+    }
+    hasher.finish()
+}
+
 impl Trainer<'_> {
     fn rank(&self) -> usize {
         self.ctx.assignment.rank.index()
@@ -910,16 +946,17 @@ impl Trainer<'_> {
                 // A skipped step leaves parameters and optimizer state as they
                 // were; the version, the schedule and the step count `t`
                 // (AdamW's bias correction) still move on.
-                let norm = finite.then(|| {
+                let updated = finite.then(|| {
                     // Every replica holds the same reduced gradient, so the same norm.
                     let norm = (clip > 0.0).then(|| optim::clip_grad_norm(&mut grads, clip));
-                    st.optimizer.step(&mut st.params, &grads, lr as f32, step);
-                    st.model.flat_to_params(&st.params);
-                    norm
+                    (norm, step_copy_hash(st, &grads, lr as f32, step))
                 });
-                let hash =
-                    checkpoint::param_hash(&st.params) ^ st.model.state_hash().rotate_left(17);
-                (hash, norm.flatten())
+                let params_hash = match updated {
+                    Some((_, hash)) => hash,
+                    None => checkpoint::param_hash(&st.params),
+                };
+                let hash = params_hash ^ st.model.state_hash().rotate_left(17);
+                (hash, updated.and_then(|(norm, _)| norm))
             });
             record.optimizer_s = t_opt.elapsed().as_secs_f64();
             st.version = st.version.next();
