@@ -322,11 +322,15 @@ fn run(
         ring_slot,
         st,
         pending: None,
+        report_in_flight: None,
     };
     t.sync()?;
     let trained = t.train();
     t.abandon_pending();
-    trained
+    // Whatever ended training, the last step's report is answered before
+    // anything else is said to the coordinator, so reports arrive in order.
+    let settled = t.settle_report();
+    trained.and(settled)
 }
 
 struct Trainer<'a> {
@@ -337,6 +341,9 @@ struct Trainer<'a> {
     st: &'a mut TrainingState,
     /// A step whose buckets are still being reduced (see [`pipeline`]).
     pending: Option<pipeline::Pending>,
+    /// The last step's report, its answer not awaited yet (see
+    /// [`Trainer::settle_report`]).
+    report_in_flight: Option<tokio::task::JoinHandle<Result<pb::StepReply, tonic::Status>>>,
 }
 
 impl Drop for Trainer<'_> {
@@ -459,6 +466,20 @@ fn step_copy_hash(st: &mut TrainingState, grads: &[f32], lr: f32, step: u64) -> 
     hasher.finish()
 }
 
+/// A coordinator's answer, its refusals as training errors.
+fn coordinator_answer<T>(answer: Result<T, tonic::Status>) -> Result<T, TrainError> {
+    answer.map_err(|e| {
+        if e.code() == tonic::Code::FailedPrecondition {
+            // Fenced: this worker is no longer in the job's current ring
+            // generation, so nothing it does for it counts.
+            warn!(reason = %e.message(), "the coordinator refused a report");
+            TrainError::Stopped("the coordinator fenced this ring generation")
+        } else {
+            TrainError::Coordinator(e.message().to_string())
+        }
+    })
+}
+
 impl Trainer<'_> {
     fn rank(&self) -> usize {
         self.ctx.assignment.rank.index()
@@ -480,20 +501,39 @@ impl Trainer<'_> {
         &self,
         f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     ) -> Result<T, TrainError> {
-        self.ctx
-            .runtime
-            .block_on(f)
-            .map(tonic::Response::into_inner)
-            .map_err(|e| {
-                if e.code() == tonic::Code::FailedPrecondition {
-                    // Fenced: this worker is no longer in the job's current
-                    // ring generation, so nothing it does for it counts.
-                    warn!(reason = %e.message(), "the coordinator refused a report");
-                    TrainError::Stopped("the coordinator fenced this ring generation")
-                } else {
-                    TrainError::Coordinator(e.message().to_string())
-                }
-            })
+        coordinator_answer(
+            self.ctx
+                .runtime
+                .block_on(f)
+                .map(tonic::Response::into_inner),
+        )
+    }
+
+    /// Waits for the answer to the last step's report: an error if the
+    /// coordinator ended the generation. A step's report goes out as the
+    /// step ends and its answer is awaited only before the next step's
+    /// all-reduce (or the next call to the coordinator), so the round trip
+    /// overlaps the next forward and backward pass; a member told to stop
+    /// still stops before the next step changes anything.
+    fn settle_report(&mut self) -> Result<(), TrainError> {
+        let Some(in_flight) = self.report_in_flight.take() else {
+            return Ok(());
+        };
+        let t_wait = Instant::now();
+        let answer = self.ctx.runtime.block_on(in_flight).map_err(|e| {
+            TrainError::Coordinator(format!("the step report did not complete: {e}"))
+        })?;
+        let reply = coordinator_answer(answer)?;
+        tracing::debug!(
+            report_wait_s = t_wait.elapsed().as_secs_f64(),
+            "step report answered"
+        );
+        if !reply.continue_job {
+            return Err(TrainError::Stopped(
+                "the coordinator ended this ring generation",
+            ));
+        }
+        Ok(())
     }
 
     /// Agrees on the state every member starts this generation from (see
@@ -675,6 +715,11 @@ impl Trainer<'_> {
                 break;
             }
             self.stop_if_cancelled()?;
+            if bucket_plan.is_some() {
+                // Buckets start changing things during backward, the
+                // pending step's updates during the forward pass.
+                self.settle_report()?;
+            }
             let step = before + 1;
             let a = &self.ctx.assignment;
             let job = a.job.to_string();
@@ -833,7 +878,8 @@ impl Trainer<'_> {
                             allreduce_bytes: layout.total() * 4,
                             total,
                         };
-                        if let Err(e) = self.conclude(&c.record, &conclusion, &recorder, &mut audit)
+                        if let Err(e) =
+                            self.conclude(&c.record, &conclusion, &recorder, &mut audit, false)
                         {
                             *self.ring_slot = inflight.cancel();
                             return Err(e);
@@ -892,8 +938,11 @@ impl Trainer<'_> {
                 }
             };
             record.loss = loss;
-            let st = &mut *self.st;
 
+            // The last step's report must be answered (go on or stop) before
+            // this step changes anything.
+            self.settle_report()?;
+            let st = &mut *self.st;
             let t_ar = Instant::now();
             let ring = ring_of(self.ring_slot)?;
             let finite = info_span!("allreduce").in_scope(|| {
@@ -972,7 +1021,11 @@ impl Trainer<'_> {
                 allreduce_bytes: (grads.len() + buffers.len()) * 4,
                 total,
             };
-            self.conclude(&record, &conclusion, &recorder, &mut audit)?;
+            // The answer is awaited before the next step's all-reduce; but a
+            // forward pass changes running statistics, so a model that has
+            // them waits now (a member told to stop keeps them as they were).
+            let defer_answer = buffers.is_empty() && self.st.model.exact_buffer_len() == 0;
+            self.conclude(&record, &conclusion, &recorder, &mut audit, defer_answer)?;
             let last = done_at(step, cursor_after);
             if due(step, spec.eval_every_steps) && !last {
                 self.evaluate()?;
@@ -988,12 +1041,14 @@ impl Trainer<'_> {
 
     /// Records a completed step (metrics, the sample audit) and reports it
     /// to the coordinator; an error if the coordinator ends the generation.
+    /// With `defer_answer` the answer is awaited by [`Self::settle_report`].
     fn conclude(
         &mut self,
         r: &pipeline::StepRecord,
         c: &Conclusion,
         recorder: &metrics::Recorder,
         audit: &mut Option<std::fs::File>,
+        defer_answer: bool,
     ) -> Result<(), TrainError> {
         tracing::debug!(
             version = r.version,
@@ -1047,17 +1102,17 @@ impl Trainer<'_> {
             started_unix_s: r.started_unix_s,
             finished_unix_s: c.finished_unix_s,
         };
-        let t_report = Instant::now();
-        let reply = self.call(
-            self.client
-                .clone()
-                .report_step(pb::StepReport::from(&report)),
-        )?;
-        tracing::debug!(report_s = t_report.elapsed().as_secs_f64(), "step reported");
-        if !reply.continue_job {
-            return Err(TrainError::Stopped(
-                "the coordinator ended this ring generation",
-            ));
+        self.settle_report()?;
+        let mut client = self.client.clone();
+        let report = pb::StepReport::from(&report);
+        self.report_in_flight = Some(self.ctx.runtime.spawn(async move {
+            client
+                .report_step(report)
+                .await
+                .map(tonic::Response::into_inner)
+        }));
+        if !defer_answer {
+            self.settle_report()?;
         }
         Ok(())
     }
@@ -1105,6 +1160,7 @@ impl Trainer<'_> {
     /// (correct, loss sum, count, ranks with an accuracy) gives every rank
     /// the totals. Nothing to do without a test split.
     fn evaluate(&mut self) -> Result<(), TrainError> {
+        self.settle_report()?;
         let n = self.st.data.test.len() as u64;
         if n == 0 {
             return Ok(());
@@ -1154,6 +1210,7 @@ impl Trainer<'_> {
 
     /// Rank 0 writes the checkpoint (every replica holds the same state).
     fn checkpoint(&mut self) -> Result<(), TrainError> {
+        self.settle_report()?;
         if self.rank() != 0 {
             return Ok(());
         }
