@@ -132,7 +132,9 @@ impl Plan<'_> {
     }
 }
 
-/// Runs one all-reduce over `links`. Blocking.
+/// Runs one all-reduce over `links`. Blocking. Returns whether every
+/// reduced value is finite: each final segment is checked as it lands,
+/// while it is in cache, instead of in another pass over the whole buffer.
 pub fn all_reduce(
     spec: &RingSpec,
     links: &mut RingLinks,
@@ -140,10 +142,10 @@ pub fn all_reduce(
     data: &mut [f32],
     op: ReduceOp,
     encoding: WireEncoding,
-) -> Result<(), RingError> {
+) -> Result<bool, RingError> {
     let world = spec.world();
     if world <= 1 || data.is_empty() {
-        return Ok(());
+        return Ok(crate::optim::all_finite(data));
     }
     let layout = Layout::new(data.len(), world, spec.options.segment_elems);
     let plan = Plan {
@@ -195,7 +197,7 @@ pub fn all_reduce(
     });
     // Report the root cause, not the abort it caused on the other half.
     match (send_result, recv_result) {
-        (Ok(()), Ok(())) => Ok(()),
+        (Ok(()), Ok(finite)) => Ok(finite),
         (Err(RingError::Aborted), Err(e)) | (Err(e), _) => Err(e),
         (Ok(()), Err(e)) => Err(e),
     }
@@ -251,12 +253,14 @@ fn send_loop(
     Ok(())
 }
 
+/// Receives and reduces every unit; returns whether every final value (the
+/// chunk this rank owns, once reduced, and each chunk gathered) is finite.
 fn recv_loop(
     plan: &Plan<'_>,
     segments: &[Mutex<&mut [f32]>],
     progress: &Progress,
     receiver: &mut dyn FrameReceiver,
-) -> Result<(), RingError> {
+) -> Result<bool, RingError> {
     let l = &plan.layout;
     let s = l.segments_per_chunk;
     let world = l.world;
@@ -264,6 +268,7 @@ fn recv_loop(
     let half = plan.encoding != WireEncoding::F32;
     let mut incoming = vec![0f32; l.max_segment_len()];
     let mut wire = vec![0u16; if half { l.max_segment_len() } else { 0 }];
+    let mut finite = true;
     for t in 0..l.ring_steps() {
         let chunk = l.recv_chunk(plan.rank, t);
         let reduce = t + 1 < world;
@@ -305,13 +310,14 @@ fn recv_loop(
                     if t + 2 == world {
                         // This chunk is now fully reduced and ours to broadcast.
                         finalize(&mut mine, plan.op, world, plan.encoding);
+                        finite &= crate::optim::all_finite(&mine);
                     }
                 })
             } else {
                 // All-gather: the final values land straight in place.
                 let mut mine = lock(cell);
                 let waiting = Instant::now();
-                if half {
+                let r = if half {
                     let r = receiver.recv(&expected, bytemuck::cast_slice_mut(&mut wire[..n]));
                     RECEIVE_WAIT.with(|w| w.set(w.get() + waiting.elapsed()));
                     r.map(|()| plan.encoding.decode_half(&wire[..n], &mut mine))
@@ -319,13 +325,14 @@ fn recv_loop(
                     let r = receiver.recv(&expected, bytemuck::cast_slice_mut(&mut mine[..]));
                     RECEIVE_WAIT.with(|w| w.set(w.get() + waiting.elapsed()));
                     r
-                }
+                };
+                r.map(|()| finite &= crate::optim::all_finite(&mine))
             };
             received.map_err(|e| classify(progress, e))?;
             progress.update(|c| c.received = unit + 1);
         }
     }
-    Ok(())
+    Ok(finite)
 }
 
 fn add(into: &mut [f32], values: &[f32]) {

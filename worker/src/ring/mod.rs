@@ -219,6 +219,19 @@ impl Ring {
         data: &mut [f32],
         op: ReduceOp,
     ) -> Result<(), RingError> {
+        self.all_reduce_finite(step, data, op).map(drop)
+    }
+
+    /// [`Ring::all_reduce`], also telling whether every reduced value is
+    /// finite (each final segment checked while it is in cache, which is
+    /// cheaper than another pass over the buffer). Every member holds the
+    /// same values, so every member gets the same answer.
+    pub fn all_reduce_finite(
+        &mut self,
+        step: u64,
+        data: &mut [f32],
+        op: ReduceOp,
+    ) -> Result<bool, RingError> {
         let encoding = self.spec.options.encoding;
         self.all_reduce_encoded(step, data, op, encoding)
     }
@@ -232,6 +245,7 @@ impl Ring {
         op: ReduceOp,
     ) -> Result<(), RingError> {
         self.all_reduce_encoded(step, data, op, WireEncoding::F32)
+            .map(drop)
     }
 
     fn all_reduce_encoded(
@@ -240,12 +254,12 @@ impl Ring {
         data: &mut [f32],
         op: ReduceOp,
         encoding: WireEncoding,
-    ) -> Result<(), RingError> {
+    ) -> Result<bool, RingError> {
         if let Some(why) = &self.broken {
             return Err(RingError::Broken(why.clone()));
         }
         let result = match &mut self.links {
-            None => Ok(()),
+            None => Ok(crate::optim::all_finite(data)),
             Some(links) => engine::all_reduce(&self.spec, links, step, data, op, encoding),
         };
         if let Err(e) = &result {

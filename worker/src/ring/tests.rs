@@ -301,6 +301,54 @@ async fn half_precision_wire_stays_within_tolerance_and_replicas_stay_identical(
     }
 }
 
+/// The finiteness the ring reports is the reduced buffer's, on every rank,
+/// wherever the bad value lands: in the chunk a rank owns or in one it
+/// gathers, from one rank's NaN or infinity or from a sum that overflows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rank_learns_whether_the_reduced_values_are_all_finite() {
+    let world = 3;
+    let len = 3001; // 3 chunks of 3 segments (the last shorter)
+    for encoding in [WireEncoding::F32, WireEncoding::Bf16] {
+        let opts = RingOptions {
+            encoding,
+            ..options(TransportKind::Tcp, 400)
+        };
+        let rings = ring_of(world, &opts).await;
+        // (which rank, where, what): None is a clean call.
+        let cases: Vec<Option<(usize, usize, f32)>> = vec![
+            None,
+            Some((0, 0, f32::NAN)),
+            Some((1, len / 2, f32::INFINITY)),
+            Some((2, len - 1, f32::NEG_INFINITY)),
+            Some((0, 1700, f32::MAX)), // with rank 1's f32::MAX below: overflow
+        ];
+        let outs = on_every_rank(rings, move |rank, mut ring| {
+            let mut finite = Vec::new();
+            for (call, case) in cases.iter().enumerate() {
+                let mut v = vec![0.5f32; len];
+                if let Some((who, at, value)) = *case {
+                    if who == rank {
+                        v[at] = value;
+                    }
+                    if value == f32::MAX && rank == 1 {
+                        v[at] = f32::MAX;
+                    }
+                }
+                let ok = ring
+                    .all_reduce_finite(call as u64, &mut v, ReduceOp::Sum)
+                    .expect("all-reduce");
+                assert_eq!(ok, crate::optim::all_finite(&v), "rank {rank} call {call}");
+                finite.push(ok);
+            }
+            finite
+        })
+        .await;
+        for out in outs {
+            assert_eq!(out, vec![true, false, false, false, false], "{encoding:?}");
+        }
+    }
+}
+
 /// A dialer that speaks the TCP handshake with whatever hello and key it is
 /// given: an impostor, or (with the right key) a neighbour whose frames a
 /// test tampers with.

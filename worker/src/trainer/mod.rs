@@ -946,15 +946,18 @@ impl Trainer<'_> {
             let t_ar = Instant::now();
             let ring = ring_of(self.ring_slot)?;
             let finite = info_span!("allreduce").in_scope(|| {
-                match (&comm, powersgd.as_mut()) {
-                    (Some(_), _) => {}
-                    (None, Some(p)) => p.all_reduce(ring, before, &mut grads)?,
-                    (None, None) => ring.all_reduce(before, &mut grads, ReduceOp::Sum)?,
-                }
                 // The reduced gradient is bit-identical on every replica (the
                 // owner of each chunk keeps exactly what it sends), so every
                 // replica takes the same branch from here on.
-                let finite = optim::all_finite(&grads);
+                let finite = match (&comm, powersgd.as_mut()) {
+                    (Some(_), _) => optim::all_finite(&grads),
+                    (None, Some(p)) => {
+                        p.all_reduce(ring, before, &mut grads)?;
+                        optim::all_finite(&grads)
+                    }
+                    // Checked by the ring as each reduced segment lands.
+                    (None, None) => ring.all_reduce_finite(before, &mut grads, ReduceOp::Sum)?,
+                };
                 if finite && !buffers.is_empty() {
                     // Running statistics: the replicas' mean, exact and alike.
                     st.model.buffers_to_flat(&mut buffers);
