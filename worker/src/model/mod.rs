@@ -636,6 +636,47 @@ impl Model {
         self.params.iter().map(Tensor::shallow_clone).collect()
     }
 
+    /// The trained parameters' own memory, each with its flat range, when
+    /// every one is a contiguous f32 CPU tensor and no two share memory
+    /// (else None). The fused descent step writes each range straight into
+    /// it: a libtorch call per piece costs microseconds, and a step writes
+    /// each 256 KiB range into one or two parameters.
+    #[allow(unsafe_code)]
+    pub fn params_memory(&mut self) -> Option<Vec<(std::ops::Range<usize>, &mut [f32])>> {
+        let mut spans = Vec::with_capacity(self.params.len());
+        for (spec, p) in self.layout.params().iter().zip(&self.params) {
+            let plain = p.device() == Device::Cpu
+                && p.kind() == Kind::Float
+                && p.is_contiguous()
+                && p.numel() == spec.len;
+            if !plain {
+                return None;
+            }
+            spans.push((p.data_ptr() as usize, spec.range()));
+        }
+        // Tied weights would give two slices over one memory.
+        let mut starts: Vec<(usize, usize)> = spans.iter().map(|(a, r)| (*a, r.len())).collect();
+        starts.sort_unstable();
+        if starts.windows(2).any(|w| w[0].0 + w[0].1 * 4 > w[1].0) {
+            return None;
+        }
+        Some(
+            spans
+                .into_iter()
+                .map(|(at, range)| {
+                    // SAFETY: `at` is the data of a contiguous f32 CPU tensor
+                    // of `range.len()` elements, checked above, whose storage
+                    // `self.params` keeps alive for the borrow of `self`; no
+                    // two parameters overlap (checked), and libtorch touches
+                    // them only through `self`, which this borrow holds.
+                    let values =
+                        unsafe { std::slice::from_raw_parts_mut(at as *mut f32, range.len()) };
+                    (range, values)
+                })
+                .collect(),
+        )
+    }
+
     /// Sums over the split's rows, in evaluation mode, [`EVAL_BATCH`] rows at a time.
     pub fn evaluate(&mut self, x: &Tensor, y: &Tensor) -> Result<EvalSums, ModelError> {
         self.set_training(false)?;

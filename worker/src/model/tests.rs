@@ -201,6 +201,31 @@ fn flat_round_trip() {
     assert!(ea.equal(&eb));
 }
 
+/// What the fused step writes through `params_memory` is what the model
+/// holds and computes with, parameter by parameter, for the built-ins.
+#[test]
+fn writing_parameter_memory_is_writing_the_parameters() {
+    for kind in ["mlp", "cnn"] {
+        let mut m = builtin(kind, 1);
+        let target = flat_params(&builtin(kind, 2));
+        let spans = m.params_memory().expect("plain CPU parameters");
+        let mut covered = 0;
+        for (range, values) in spans {
+            covered += range.len();
+            values.copy_from_slice(&target[range]);
+        }
+        assert_eq!(covered, target.len(), "{kind}");
+        assert!(flat_params(&m) == target, "{kind}");
+        let (x, y) = random_batch(3, 5);
+        let other = builtin(kind, 2);
+        let (a, b) = (
+            m.output(&x, &y, false).unwrap(),
+            other.output(&x, &y, false).unwrap(),
+        );
+        assert!(a.equal(&b), "{kind}");
+    }
+}
+
 #[test]
 fn gradients_are_finite_and_nonzero() {
     for kind in ["mlp", "cnn"] {

@@ -446,8 +446,13 @@ fn step_copy_hash(st: &mut TrainingState, grads: &[f32], lr: f32, step: u64) -> 
         return checkpoint::param_hash(&st.params);
     }
     let fresh = st.optimizer.is_fresh();
-    let mut handles = st.model.param_handles();
-    let layout = st.model.layout();
+    // Parameters that are not plain CPU memory take a libtorch copy per piece.
+    let mut fallback = st
+        .model
+        .params_memory()
+        .is_none()
+        .then(|| (st.model.layout().clone(), st.model.param_handles()));
+    let mut memory = st.model.params_memory();
     let mut hasher = checkpoint::ParamHasher::default();
     let n = st.params.len();
     for start in (0..n).step_by(FUSED_ELEMS) {
@@ -460,7 +465,22 @@ fn step_copy_hash(st: &mut TrainingState, grads: &[f32], lr: f32, step: u64) -> 
             step,
             fresh,
         );
-        crate::model::copy_range_into_params(layout, &mut handles, &st.params, range.clone());
+        match memory.as_mut() {
+            Some(spans) => {
+                for (span, values) in spans.iter_mut() {
+                    let (from, to) = (span.start.max(range.start), span.end.min(range.end));
+                    if from < to {
+                        values[from - span.start..to - span.start]
+                            .copy_from_slice(&st.params[from..to]);
+                    }
+                }
+            }
+            None => {
+                if let Some((layout, handles)) = fallback.as_mut() {
+                    crate::model::copy_range_into_params(layout, handles, &st.params, range.clone())
+                }
+            }
+        }
         hasher.update(&st.params[range]);
     }
     hasher.finish()
