@@ -110,12 +110,15 @@ def main():
                "needs (README, \"Overlap\"); `bf16` and `powersgd-4` compress the gradient on",
                "the wire (`ring.compression`). The compute",
                "ceiling is twice one rank alone with one thread (`ddp_train.py --world 1",
-               "--threads 1`), measured in the same run.", "",
+               "--threads 1`), measured in the same run. A row may come from a later run",
+               "than the others (then on another machine: compare ratios, not samples/s); a",
+               "row's `run` says which when it is not the whole-suite run.", "",
                "| what | W | model | DDP | ringtrain | ringtrain / DDP | ringtrain / ceiling |",
                "|---|---|---|---|---|---|---|"]
         for r in train:
             ceiling = f"{r['ours'] / r['ceiling']:.0%}" if r.get("ceiling") else ""
-            md.append(f"| {r.get('kind', '')} | {r['world']} | {r.get('model', '')} | {r['ddp']:.1f} | "
+            what = r.get("kind", "") + (f" ({r['run']})" if r.get("run") else "")
+            md.append(f"| {what} | {r['world']} | {r.get('model', '')} | {r['ddp']:.1f} | "
                       f"{r['ours']:.1f} | {r['ratio']:.2f}x | {ceiling} |")
         md.append("")
 
