@@ -648,7 +648,8 @@ impl Model {
             let plain = p.device() == Device::Cpu
                 && p.kind() == Kind::Float
                 && p.is_contiguous()
-                && p.numel() == spec.len;
+                && p.numel() == spec.len
+                && (p.data_ptr() as usize).is_multiple_of(std::mem::align_of::<f32>());
             if !plain {
                 return None;
             }
@@ -664,8 +665,12 @@ impl Model {
             spans
                 .into_iter()
                 .map(|(at, range)| {
-                    // SAFETY: `at` is the data of a contiguous f32 CPU tensor
-                    // of `range.len()` elements, checked above, whose storage
+                    if range.is_empty() {
+                        // An empty tensor's data pointer may be null.
+                        return (range, &mut [][..]);
+                    }
+                    // SAFETY: `at` is the aligned data of a contiguous f32 CPU
+                    // tensor of `range.len()` elements, checked above, whose storage
                     // `self.params` keeps alive for the borrow of `self`; no
                     // two parameters overlap (checked), and libtorch touches
                     // them only through `self`, which this borrow holds.
